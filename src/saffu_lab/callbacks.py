@@ -1,0 +1,101 @@
+"""Callbacks: the paper's early-stopping rule and generated samples at every validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
+
+from saffu_lab.errors import ConfigError
+
+
+class PerplexityRiseStopping(pl.Callback):
+    """Stop after ``max_rises`` rises of the monitored perplexity (the paper: 2^3 rises).
+
+    A rise is a validation whose value is higher than the previous validation's. With
+    ``reset_on_best`` (default) the count restarts whenever a new best value is reached, so
+    only rises since the best count; without it, every rise of the run counts.
+    """
+
+    def __init__(self, monitor: str = "val/ppl", max_rises: int = 8, reset_on_best: bool = True):
+        if max_rises < 1:
+            raise ConfigError(f"callbacks.early_stopping.max_rises={max_rises} must be >= 1 (the paper uses 8)")
+        self.monitor, self.max_rises, self.reset_on_best = monitor, max_rises, reset_on_best
+        self.previous, self.best, self.rises, self.stopped_at = math.inf, math.inf, 0, None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        value = float(trainer.callback_metrics[self.monitor])
+        if value > self.previous:
+            self.rises += 1
+        if value < self.best:
+            self.best = value
+            if self.reset_on_best:
+                self.rises = 0
+        self.previous = value
+        if self.rises >= self.max_rises:
+            trainer.should_stop = True
+            self.stopped_at = trainer.global_step
+            rank_zero_info(f"early stopping: {self.monitor} rose {self.rises} times (best {self.best:.3f})")
+
+    def state_dict(self) -> dict:
+        return {"previous": self.previous, "best": self.best, "rises": self.rises}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.previous, self.best, self.rises = state_dict["previous"], state_dict["best"], state_dict["rises"]
+
+
+class SampleCallback(pl.Callback):
+    """At every validation, generate documents from ``<sod>`` and log them.
+
+    The rows (step, text) go to a ``wandb.Table`` named ``samples`` (the whole history, re-logged
+    each time) and are appended to ``samples.txt`` in the run directory.
+    """
+
+    def __init__(self, n_samples: int = 4, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int = 0, output_file: str | None = None):
+        if n_samples < 1 or max_new_tokens < 1:
+            raise ConfigError(f"callbacks.samples needs n_samples >= 1 and max_new_tokens >= 1, got {n_samples}, {max_new_tokens}")
+        self.n_samples, self.max_new_tokens, self.temperature, self.top_k = n_samples, max_new_tokens, temperature, top_k
+        self.seed, self.output_file = seed, output_file
+        self.rows: list[list] = []
+
+    def generate(self, pl_module: pl.LightningModule, tokenizer, special) -> list[str]:
+        prompt = torch.full((self.n_samples, 1), special.sod, dtype=torch.long, device=pl_module.device)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + pl_module.global_step)
+        was_training = pl_module.training
+        pl_module.eval()
+        out = pl_module.net.generate(
+            prompt, self.max_new_tokens, stop_id=special.eod, temperature=self.temperature, top_k=self.top_k,
+            generator=generator, banned_ids=(special.pad, special.sod, special.frg),
+        )
+        pl_module.train(was_training)
+        texts = []
+        for row in out.tolist():
+            body = row[1:]
+            if special.eod in body:
+                body = body[: body.index(special.eod)]
+            texts.append(tokenizer.decode(body, skip_special_tokens=True))
+        return texts
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
+            return  # only validations inside fit, not trainer.validate() afterwards
+        dm = trainer.datamodule
+        texts = self.generate(pl_module, dm.tokenizer, dm.special_ids)
+        step = trainer.global_step
+        self.rows.extend([step, t] for t in texts)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="samples", columns=["step", "text"], data=self.rows, step=step)
+        if self.output_file:
+            path = Path(self.output_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as fh:
+                fh.writelines(f"{step}\t{t}\n" for t in texts)

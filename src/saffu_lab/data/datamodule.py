@@ -1,0 +1,156 @@
+"""The LightningDataModule: corpus -> tokenizer -> cached token ids -> framed batches.
+
+``prepare_data`` (one process) loads the corpus, trains the tokenizer on the training split
+and writes the tokenised splits to ``cache_dir/tokenized-<key>/``, where the key hashes the
+corpus fingerprint and the tokenizer settings: a sweep over model settings tokenises once.
+``setup`` (every process) reads that cache, keeps the first ``train_tokens`` / ``dev_tokens``
+targets, and frames the splits as causal windows for the baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, TensorDataset
+
+from saffu_lab.data.corpus import SPLITS, Corpus
+from saffu_lab.errors import ConfigError
+from saffu_lab.framing import SpecialIds, causal_windows, document_lengths, document_stream, first_n_tokens
+from saffu_lab.tokenizer import EOD, FRG, PAD, SOD, CountBPE, special_id
+
+
+class LMDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        corpus,
+        tokenizer: CountBPE,
+        cache_dir: str,
+        path: str | None = None,
+        context_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        train_tokens: int | None = None,
+        dev_tokens: int | None = None,
+        test_tokens: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        """``path`` is the folder of a file-based corpus (the config passes it to the corpus too);
+        it is only recorded here, in ``stats``."""
+        super().__init__()
+        for name, value in (("train_tokens", train_tokens), ("dev_tokens", dev_tokens), ("test_tokens", test_tokens)):
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name}={value} must be a positive token count, or null for the whole split")
+        if context_length < 1:
+            raise ConfigError(f"model.context_length={context_length} must be >= 1")
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        self.corpus_source, self.tokenizer_trainer = corpus, tokenizer
+        self.cache_dir = Path(cache_dir)
+        self.context_length, self.batch_size = context_length, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.limits = {"train": train_tokens, "dev": dev_tokens, "test": test_tokens}
+        self.num_workers, self.seed = num_workers, seed
+        self.cache_path: Path | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.windows: dict[str, TensorDataset] = {}
+        self.stats: dict = {"data/corpus": path or type(corpus).__name__}
+        self.timings: dict[str, float] = {}
+
+    # --- preparation: corpus, tokenizer, cache ---------------------------------------------
+    def prepare_data(self) -> None:
+        if self.cache_path is not None:
+            return
+        start = time.perf_counter()
+        corpus: Corpus = self.corpus_source.load()
+        key = json.dumps({"corpus": corpus.fingerprint, "tokenizer": self.tokenizer_trainer.cache_key()}, sort_keys=True)
+        path = self.cache_dir / f"tokenized-{corpus.name}-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"
+        if not (path / "done").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            tokenizer = self.tokenizer_trainer.train(corpus.train)
+            tmp = path / f"tokenizer.json.tmp{os.getpid()}"
+            tokenizer.save(str(tmp))
+            os.replace(tmp, path / "tokenizer.json")
+            for split in SPLITS:
+                encoded = tokenizer.encode_batch(corpus.split(split), add_special_tokens=False)
+                lengths = torch.tensor([len(e.ids) for e in encoded], dtype=torch.long)
+                ids = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
+                offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+                _atomic_save({"ids": ids, "offsets": offsets}, path / f"{split}.pt")
+            (path / "stats.json").write_text(json.dumps(self.tokenizer_trainer.stats))
+            (path / "done").write_text(key)
+        self.cache_path = path
+        self.timings["prepare_data_s"] = time.perf_counter() - start
+
+    # --- setup: read the cache, truncate, frame ----------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.windows:
+            return
+        self.prepare_data()  # a no-op once done; reads the cache location in DDP workers
+        self.tokenizer = Tokenizer.from_file(str(self.cache_path / "tokenizer.json"))
+        sp = self.special_ids
+        for split in SPLITS:
+            data = torch.load(self.cache_path / f"{split}.pt")
+            ids, offsets = first_n_tokens(data["ids"], data["offsets"], self.limits[split])
+            self.splits[split] = (ids, offsets)
+            x, y = causal_windows(document_stream(ids, offsets, sp), self.context_length, sp)
+            self.windows[split] = TensorDataset(x, y)
+            self.stats[f"data/{split}_tokens"] = int(document_lengths(offsets).sum()) + offsets.numel() - 1
+            self.stats[f"data/{split}_documents"] = offsets.numel() - 1
+        self.stats["vocab_size"] = self.vocab_size
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        t = self.tokenizer
+        return SpecialIds(pad=special_id(t, PAD), sod=special_id(t, SOD), eod=special_id(t, EOD), frg=special_id(t, FRG))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def unigram_perplexity(self, fit_split: str = "train", eval_split: str = "test", smoothing: float = 1.0) -> float:
+        """Perplexity of an add-``smoothing`` unigram model over the same targets as the LM."""
+        sp = self.special_ids
+        counts = torch.full((self.vocab_size,), smoothing, dtype=torch.float64)
+        for split, out in ((fit_split, "fit"), (eval_split, "eval")):
+            stream = document_stream(*self.splits[split], sp)
+            targets = stream[stream != sp.sod]
+            if out == "fit":
+                counts.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))
+                counts[[sp.pad, sp.sod, sp.frg]] = 0.0  # never targets
+            else:
+                log_p = torch.log(counts / counts.sum())
+                return float(torch.exp(-log_p[targets].mean()))
+        raise AssertionError("unreachable")
+
+    # --- loaders ----------------------------------------------------------------------------
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.windows[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle, generator=generator, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("dev", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

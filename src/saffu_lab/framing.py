@@ -1,0 +1,138 @@
+"""Framing: from tokenised documents to (context, target) pairs, by token id, vectorised.
+
+A tokenised split is a flat id tensor ``ids`` with document boundaries ``offsets``
+(document d is ``ids[offsets[d]:offsets[d+1]]``). Each document's *targets* are its tokens
+followed by ``<eod>``; ``<sod>``, ``<frg>`` and ``<pad>`` are never targets.
+
+Two framings, following ``shared/notes/saffu-reading.md`` (Data framing):
+
+- **Causal windows** (GPT baseline): the stream ``<sod> doc_1 <eod> <sod> doc_2 <eod> ...``
+  cut into windows of ``context + 1`` ids that overlap by one, so every stream position but
+  the first is a target exactly once; ``<sod>`` targets are masked with ``IGNORE_INDEX``.
+- **Blocks and radii** (SAFFU, section 3): each document's targets are cut into slices of
+  ``b - 1``; block ``i`` is ``[<sod> or <frg>, slice_i..., <pad>...]``. The target at block
+  position ``j`` (0-based here, ``1 <= j < b``) has the block context "the block with positions
+  ``>= j`` replaced by ``<pad>``" (K = b) and the radial context "positions ``j-r .. j-1``,
+  left-padded with ``<pad>``" (K = r). Contexts are gathered from ``blocks`` by index on
+  demand, so that a caller can materialise them chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    sod: int
+    eod: int
+    frg: int
+
+
+def document_lengths(offsets: torch.Tensor) -> torch.Tensor:
+    return offsets[1:] - offsets[:-1]
+
+
+def first_n_tokens(ids: torch.Tensor, offsets: torch.Tensor, n_tokens: int | None):
+    """The longest prefix of whole documents whose targets (tokens + ``<eod>``) number <= n.
+
+    At least one document is always kept. ``None`` keeps everything.
+    """
+    if n_tokens is None:
+        return ids, offsets
+    targets_cum = torch.cumsum(document_lengths(offsets) + 1, 0)
+    n_docs = max(1, int((targets_cum <= n_tokens).sum()))
+    offsets = offsets[: n_docs + 1]
+    return ids[: int(offsets[-1])], offsets
+
+
+def document_stream(ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds) -> torch.Tensor:
+    """``<sod> doc_1 <eod> <sod> doc_2 <eod> ...`` as one id tensor, built without a loop."""
+    lengths = document_lengths(offsets)
+    n_docs = lengths.numel()
+    doc_of_token = torch.repeat_interleave(torch.arange(n_docs), lengths)
+    stream = torch.empty(ids.numel() + 2 * n_docs, dtype=torch.long)
+    starts = offsets[:-1] + 2 * torch.arange(n_docs)  # where each document's <sod> lands
+    stream[starts] = sp.sod
+    stream[starts + lengths + 1] = sp.eod
+    stream[torch.arange(ids.numel()) + 2 * doc_of_token + 1] = ids.long()
+    return stream
+
+
+def causal_windows(stream: torch.Tensor, context: int, sp: SpecialIds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``x`` and targets ``y`` of shape ``[n_windows, context]``; ``y[w, t]`` follows ``x[w, :t+1]``.
+
+    Windows start every ``context`` positions and hold ``context + 1`` ids, so each stream
+    position after the first is predicted once. The tail is padded; padded and ``<sod>``
+    targets are ``IGNORE_INDEX``.
+    """
+    if context < 1:
+        raise ValueError(f"context must be >= 1, got {context}")
+    n_windows = max(1, -(-(stream.numel() - 1) // context))
+    padded = torch.full((n_windows * context + 1,), sp.pad, dtype=torch.long)
+    padded[: stream.numel()] = stream
+    windows = padded.unfold(0, context + 1, context)  # [n_windows, context + 1], a view
+    x, y = windows[:, :-1].clone(), windows[:, 1:].clone()
+    y[(y == sp.sod) | (y == sp.pad)] = IGNORE_INDEX
+    return x, y
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """All blocks of a split and the (block, position) address of every target."""
+
+    blocks: torch.Tensor  # [n_blocks, b] token ids
+    block_index: torch.Tensor  # [M] block of each target
+    position: torch.Tensor  # [M] 0-based position of each target in its block, 1..b-1
+    targets: torch.Tensor  # [M] target ids, == blocks[block_index, position]
+    first_block: torch.Tensor  # [n_docs] index of each document's first block
+    pad_id: int
+
+
+def frame_blocks(ids: torch.Tensor, offsets: torch.Tensor, b: int, sp: SpecialIds) -> Blocks:
+    """Cut each document's targets (tokens then ``<eod>``) into blocks of ``b`` (section 3)."""
+    if b < 2:
+        raise ValueError(f"block size b must be >= 2 (one start token plus one target), got {b}")
+    lengths = document_lengths(offsets) + 1  # targets per document, <eod> included
+    n_docs = lengths.numel()
+    blocks_per_doc = -(-lengths // (b - 1))
+    first_block = torch.cumsum(blocks_per_doc, 0) - blocks_per_doc
+    n_blocks = int(blocks_per_doc.sum())
+
+    targets = document_stream(ids, offsets, sp)
+    targets = targets[targets != sp.sod]  # tokens and <eod> of each document, in order
+    doc_of_target = torch.repeat_interleave(torch.arange(n_docs), lengths)
+    rank_in_doc = torch.arange(targets.numel()) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    block_index = first_block[doc_of_target] + rank_in_doc // (b - 1)
+    position = 1 + rank_in_doc % (b - 1)
+
+    blocks = torch.full((n_blocks, b), sp.pad, dtype=torch.long)
+    blocks[:, 0] = sp.frg
+    blocks[first_block, 0] = sp.sod
+    blocks[block_index, position] = targets
+    return Blocks(blocks, block_index, position, targets, first_block, sp.pad)
+
+
+def block_context(framed: Blocks, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """``X^block`` ids for the selected targets: the block, positions >= the target's padded. [m, b]"""
+    block_index, position = framed.block_index[rows], framed.position[rows]
+    ctx = framed.blocks[block_index]
+    pad = framed.blocks.new_full((), framed.pad_id)
+    columns = torch.arange(framed.blocks.shape[1])
+    return torch.where(columns[None, :] < position[:, None], ctx, pad)
+
+
+def radial_context(framed: Blocks, r: int, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """``X^radius`` ids: block positions ``j-r .. j-1`` of each target, left-padded. [m, r]"""
+    if r < 1:
+        raise ValueError(f"radius r must be >= 1, got {r}")
+    block_index, position = framed.block_index[rows], framed.position[rows]
+    columns = position[:, None] - r + torch.arange(r)[None, :]  # j-r .. j-1
+    ids = framed.blocks[block_index[:, None], columns.clamp(min=0)]
+    return torch.where(columns >= 0, ids, framed.blocks.new_full((), framed.pad_id))
+

@@ -1,0 +1,89 @@
+"""The LightningModule: next-token cross-entropy, perplexity, optimiser and schedule.
+
+It wraps any network ``net(idx [B, T]) -> logits [B, T, V]`` with a ``generate`` method;
+the training regime (optimiser, learning-rate schedule) comes from the ``regime`` group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from saffu_lab.errors import ConfigError
+from saffu_lab.framing import IGNORE_INDEX
+
+
+class LanguageModelModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+        min_lr_ratio: float = 0.1,
+        regime: str = "cold",
+    ):
+        super().__init__()
+        if schedule not in ("cosine", "constant"):
+            raise ConfigError(f"regime.schedule={schedule!r} is not one of 'cosine', 'constant'")
+        if warmup_steps < 0:
+            raise ConfigError(f"regime.warmup_steps={warmup_steps} must be >= 0")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError(f"regime.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.schedule, self.min_lr_ratio, self.regime = warmup_steps, schedule, min_lr_ratio, regime
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        # targets trained on by this process; saved in checkpoints so that a resumed run keeps counting
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower regime.optimizer.lr")
+        self.tokens_seen += (y != IGNORE_INDEX).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def _evaluate(self, batch, metric: Perplexity, name: str):
+        x, y = batch
+        metric.update(self(x).float(), y)
+        self.log(name, metric, prog_bar=True, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, self.val_ppl, "val/ppl")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, self.test_ppl, "test/ppl")
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        total = max(1, self.trainer.estimated_stepping_batches)
+        warmup, schedule, floor = self.warmup_steps, self.schedule, self.min_lr_ratio
+
+        def lr_factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())  # tied weights are counted once

@@ -1,0 +1,141 @@
+"""One training run from a composed Hydra config: data -> model -> fit -> validate -> test.
+
+Every component is built with ``hydra.utils.instantiate``. The run directory receives the
+checkpoints, the CSV and W&B logs, ``samples.txt`` and ``metrics.json`` (final perplexities,
+parameter count, vocabulary size, tokens seen, and the wall-clock of each phase).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from saffu_lab.errors import ConfigError, SaffuLabError
+
+
+def build_components(cfg: DictConfig):
+    """Data module (prepared and set up), LightningModule, loggers, callbacks and Trainer."""
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    module = instantiate(cfg.regime, net=net)
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return datamodule, module, trainer
+
+
+def check_environment(cfg: DictConfig) -> None:
+    """Problems that would otherwise surface only after data preparation (the run directory is
+    checked earlier, by ``saffu_lab.hydra_callbacks.RunDirCheck``)."""
+    missing = sorted(k for k in _missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        hint = " (data=text_dir needs the corpus folder: data.path=DIR)" if "data.path" in missing else ""
+        raise ConfigError(f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=VALUE{hint}")
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer=gpu asks for a CUDA GPU but torch sees none; use trainer=cpu (or trainer=ddp for 2 CPU processes)")
+
+
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    """Keys whose value is ``???`` (without resolving interpolations that point at them)."""
+    found = []
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            found.append(f"{prefix}{key}")
+        elif OmegaConf.is_interpolation(node, key):
+            continue
+        elif isinstance(node[key], DictConfig):
+            found += _missing_keys(node[key], f"{prefix}{key}.")
+    return found
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train, validate and test; return (and write) the metrics of the run."""
+    start = time.perf_counter()
+    check_environment(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("logger") and cfg.logger.get("offline", True):
+        os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        datamodule, module, trainer = build_components(cfg)
+    except InstantiationException as err:
+        raise _unwrap(err) from None
+    timings = {"time/prepare_data_s": datamodule.timings.get("prepare_data_s", 0.0)}
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    t = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    timings["time/fit_s"] = time.perf_counter() - t
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = best if best and Path(best).exists() else None
+
+    t = time.perf_counter()
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    timings["time/validate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    timings["time/test_s"] = time.perf_counter() - t
+
+    tokens_seen = int(trainer.strategy.reduce(module.tokens_seen.float(), reduce_op="sum"))
+    metrics = {
+        "val/ppl": val[0]["val/ppl"],
+        "test/ppl": test[0]["test/ppl"],
+        "unigram/test_ppl": datamodule.unigram_perplexity("train", "test"),
+        "unigram/val_ppl": datamodule.unigram_perplexity("train", "dev"),
+        "params": module.num_parameters(),
+        "vocab_size": datamodule.vocab_size,
+        "tokens_seen": tokens_seen,
+        **datamodule.stats,
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "interrupted": trainer.interrupted,
+        "best_checkpoint": ckpt,
+        "world_size": trainer.world_size,
+        "ddp_backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        **timings,
+    }
+    metrics["time/total_s"] = time.perf_counter() - start
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        tokenizer_path = Path(cfg.paths.output_dir) / "tokenizer.json"
+        datamodule.tokenizer.save(str(tokenizer_path))
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"val/ppl {metrics['val/ppl']:.3f}  test/ppl {metrics['test/ppl']:.3f}  "
+              f"(unigram test/ppl {metrics['unigram/test_ppl']:.3f})  -> {cfg.paths.output_dir}/metrics.json")
+    return metrics
+
+
+def _unwrap(err: InstantiationException) -> Exception:
+    """The user's error inside a Hydra instantiation, as a one-line ConfigError."""
+    cause = err.__cause__
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, SaffuLabError):
+        return cause
+    if isinstance(cause, (ValueError, TypeError)):
+        return ConfigError(f"{cause}")
+    return err
+
+
+def main_guarded(cfg: DictConfig) -> float | None:
+    """Entry point for ``train.py``: one clear line and exit code 2 for a user error."""
+    try:
+        metrics = run(cfg)
+    except SaffuLabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get(cfg.get("optimized_metric", "val/ppl"))
