@@ -1,0 +1,1 @@
+"""saffu-lab: explicitly solved SAFFU language models and structured-FFN transformers."""

@@ -1,0 +1,1 @@
+"""Corpora, the synthetic grammar and the data module."""

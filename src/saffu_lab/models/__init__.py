@@ -1,0 +1,1 @@
+"""Networks: the GPT baseline, feed-forward blocks (and the SAFFU models)."""
