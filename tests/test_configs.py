@@ -33,7 +33,7 @@ def _instantiate_all(cfg: DictConfig):
     return dm, module, loggers, callbacks
 
 
-@pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] not in ("hydra", "trainer", "experiment")])
+@pytest.mark.parametrize("group,option", [o for o in OPTIONS if o[0] not in ("hydra", "trainer", "experiment", "framing", "model")])
 def test_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [] if group == "paths" else [f"{group}={option}"]
     if group == "data" and option == "text_dir":

@@ -11,6 +11,7 @@ from saffu_lab.data.corpus import HubCorpus, SyntheticCorpus, TextDirCorpus, wri
 from saffu_lab.data.datamodule import LMDataModule
 from saffu_lab.data.synthetic import generate_documents
 from saffu_lab.errors import ConfigError, DataError
+from saffu_lab.framing import CausalFraming
 from saffu_lab.tokenizer import CountBPE
 
 
@@ -123,7 +124,7 @@ def test_babylm_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
 def test_tokenised_data_is_cached_by_corpus_and_tokenizer(tmp_path, monkeypatch):
     def module(**kw):
         return LMDataModule(corpus=SyntheticCorpus(seed=0, train_words=2000, dev_words=200, test_words=200),
-                            tokenizer=CountBPE(progress=False, **kw), cache_dir=str(tmp_path), context_length=16)
+                            tokenizer=CountBPE(progress=False, **kw), cache_dir=str(tmp_path), framing=CausalFraming(16))
 
     first = module()
     first.setup()
@@ -141,7 +142,7 @@ def test_tokenised_data_is_cached_by_corpus_and_tokenizer(tmp_path, monkeypatch)
 
 def test_token_limits_and_unigram_baseline(tmp_path):
     dm = LMDataModule(corpus=SyntheticCorpus(seed=0, train_words=3000, dev_words=300, test_words=300),
-                      tokenizer=CountBPE(progress=False), cache_dir=str(tmp_path), context_length=16, train_tokens=500)
+                      tokenizer=CountBPE(progress=False), cache_dir=str(tmp_path), framing=CausalFraming(16), train_tokens=500)
     dm.setup()
     assert 450 <= dm.stats["data/train_tokens"] <= 500
     ppl = dm.unigram_perplexity("train", "test")
@@ -149,7 +150,8 @@ def test_token_limits_and_unigram_baseline(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"train_tokens": 0}, "train_tokens"), ({"batch_size": 0}, "batch_size"),
-                                          ({"context_length": 0}, "context_length")])
+                                          ({"framing": None}, "framing")])
 def test_datamodule_rejects_out_of_range_values(tmp_path, kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        LMDataModule(corpus=SyntheticCorpus(), tokenizer=CountBPE(), cache_dir=str(tmp_path), **kwargs)
+        LMDataModule(corpus=SyntheticCorpus(), tokenizer=CountBPE(), cache_dir=str(tmp_path),
+                     **{"framing": CausalFraming(8), **kwargs})

@@ -1,8 +1,9 @@
-"""Callbacks: the paper's early-stopping rule and generated samples at every validation."""
+"""Callbacks: the explicit solve at fit start, the paper's early-stopping rule, and samples."""
 
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -85,8 +86,17 @@ class SampleCallback(pl.Callback):
         return texts
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return  # only validations inside fit, not trainer.validate() afterwards
+        self.log_samples(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not any(row[0] == trainer.global_step for row in self.rows):  # e.g. regime=explicit: no validation in fit
+            self.log_samples(trainer, pl_module)
+
+    def log_samples(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
         dm = trainer.datamodule
         texts = self.generate(pl_module, dm.tokenizer, dm.special_ids)
         step = trainer.global_step
@@ -99,3 +109,57 @@ class SampleCallback(pl.Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as fh:
                 fh.writelines(f"{step}\t{t}\n" for t in texts)
+
+
+class ExplicitSolveCallback(pl.Callback):
+    """At fit start, solve the SAFFU model explicitly (``saffu_lab.solver``), then let backprop go on.
+
+    Logs ``explicit/val_ppl`` (the solved model on the dev split), the solve's wall-clock and
+    the count of non-positive co-occurrences per matrix. A run resumed from a checkpoint is
+    not solved again.
+    """
+
+    def __init__(self, solver):
+        self.solver = solver
+        self.metrics: dict = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from saffu_lab.models.saffu import SAFFUTransformer
+
+        net = pl_module.net
+        if not isinstance(net, SAFFUTransformer):
+            raise ConfigError(f"regime={pl_module.regime} solves SAFFU models explicitly, but model is {type(net).__name__}; "
+                              "use regime=cold for model=gpt")
+        if trainer.ckpt_path:
+            rank_zero_info("explicit solve skipped: resuming from a checkpoint")
+            return
+        self.solver.progress = self.solver.progress and trainer.is_global_zero
+        start = time.perf_counter()
+        report = self.solver.solve(net, trainer.datamodule.datasets["train"], rank=trainer.global_rank, world_size=trainer.world_size)
+        self.metrics = report.metrics()
+        self.metrics["explicit/wall_s"] = time.perf_counter() - start
+        self.metrics["explicit/val_ppl"] = evaluate_perplexity(pl_module, trainer.datamodule.val_dataloader())
+        rank_zero_info(f"explicit solve: {self.metrics['explicit/wall_s']:.1f} s over {report.targets} targets "
+                       f"in {report.folds} fold(s); dev perplexity {self.metrics['explicit/val_ppl']:.3f}")
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(self.metrics, step=trainer.global_step)
+
+
+@torch.no_grad()
+def evaluate_perplexity(pl_module: pl.LightningModule, loader) -> float:
+    """Per-target perplexity of ``pl_module`` over a data loader (no Trainer needed)."""
+    from saffu_lab.framing import IGNORE_INDEX
+
+    was_training = pl_module.training
+    pl_module.eval()
+    total, count = 0.0, 0
+    for inputs, y in loader:
+        inputs = {k: v.to(pl_module.device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(pl_module.device)
+        logits = pl_module(inputs).float()
+        y = y.to(pl_module.device)
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(),
+                                                          ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((y != IGNORE_INDEX).sum())
+    pl_module.train(was_training)
+    return math.exp(total / max(count, 1))

@@ -136,3 +136,87 @@ def radial_context(framed: Blocks, r: int, rows: torch.Tensor | slice = slice(No
     ids = framed.blocks[block_index[:, None], columns.clamp(min=0)]
     return torch.where(columns >= 0, ids, framed.blocks.new_full((), framed.pad_id))
 
+
+
+# --- framings as objects: what the data module hands to a model family ---------------------
+
+class CausalFraming:
+    """Causal windows of ``context_length`` for the GPT baseline; batches are ``(x, y)``."""
+
+    default_batch_size = 32  # windows (of context_length targets each)
+
+    def __init__(self, context_length: int):
+        if context_length < 1:
+            raise ValueError(f"model.context_length={context_length} must be >= 1")
+        self.context_length = context_length
+
+    def dataset(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds):
+        from torch.utils.data import TensorDataset
+
+        return TensorDataset(*causal_windows(document_stream(ids, offsets, sp), self.context_length, sp))
+
+    def model_kwargs(self, train, vocab_size: int, sp: SpecialIds) -> dict:
+        return {}
+
+
+class BlockTargets(torch.utils.data.Dataset):
+    """Every target of a split with its block and radial contexts, gathered per batch.
+
+    Items are target indices; ``collate(rows)`` returns ``(inputs, y)`` where inputs holds
+    ``block [B, b]``, ``radial [B, r]``, ``position [B]`` (block position j of the target) and,
+    with ``document_prefix``, ``prefix [B, L]`` / ``prefix_len [B]`` (the document's preceding
+    targets) and ``document [B]`` (the document index, the document model's target).
+    """
+
+    def __init__(self, framed: Blocks, radius: int, document_prefix: bool):
+        self.framed, self.radius, self.document_prefix = framed, radius, document_prefix
+        n_blocks_of_doc = torch.diff(torch.cat([framed.first_block, torch.tensor([framed.blocks.shape[0]])]))
+        doc_of_block = torch.repeat_interleave(torch.arange(framed.first_block.numel()), n_blocks_of_doc)
+        self.document = doc_of_block[framed.block_index]
+        b = framed.blocks.shape[1]
+        self.rank_in_doc = (framed.block_index - framed.first_block[self.document]) * (b - 1) + framed.position - 1
+        self.doc_start = torch.arange(self.document.numel()) - self.rank_in_doc  # index of the doc's first target
+
+    def __len__(self) -> int:
+        return self.framed.targets.numel()
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, rows) -> tuple[dict, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        inputs = {
+            "block": block_context(self.framed, rows),
+            "radial": radial_context(self.framed, self.radius, rows),
+            "position": self.framed.position[rows],
+        }
+        if self.document_prefix:
+            length = self.rank_in_doc[rows]
+            cols = torch.arange(max(1, int(length.max())))
+            idx = (self.doc_start[rows][:, None] + cols[None, :]).clamp(max=len(self) - 1)
+            prefix = torch.where(cols[None, :] < length[:, None], self.framed.targets[idx], self.framed.pad_id)
+            inputs.update(prefix=prefix, prefix_len=length, document=self.document[rows])
+        return inputs, self.framed.targets[rows]
+
+
+class BlockFraming:
+    """Blocks of ``block_size`` and radii of ``radius`` (section 3) for SAFFU models."""
+
+    default_batch_size = 1024  # targets
+
+    def __init__(self, block_size: int, radius: int, document_prefix: bool = False):
+        if block_size < 2 or radius < 1:
+            raise ValueError(f"model.block_size={block_size} must be >= 2 and model.radius={radius} >= 1")
+        if radius > block_size:
+            raise ValueError(f"model.radius={radius} must be <= model.block_size={block_size} (r > b)")
+        self.block_size, self.radius, self.document_prefix = block_size, radius, document_prefix
+
+    def dataset(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds) -> BlockTargets:
+        return BlockTargets(frame_blocks(ids, offsets, self.block_size, sp), self.radius, self.document_prefix)
+
+    def model_kwargs(self, train: BlockTargets, vocab_size: int, sp: SpecialIds) -> dict:
+        """Facts of the training data that a SAFFU model is built from: token counts over the
+        training blocks (they order the bit-cipher codes), the number of training documents,
+        and the framing's special ids (for generation)."""
+        counts = torch.bincount(train.framed.blocks.flatten(), minlength=vocab_size).double()
+        return {"token_counts": counts, "n_documents": int(train.framed.first_block.numel()), "special_ids": sp}

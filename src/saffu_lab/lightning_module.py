@@ -1,6 +1,7 @@
 """The LightningModule: next-token cross-entropy, perplexity, optimiser and schedule.
 
-It wraps any network ``net(idx [B, T]) -> logits [B, T, V]`` with a ``generate`` method;
+It wraps any network ``net(inputs) -> logits [B, T, V]`` or ``[B, V]`` with a ``generate``
+method (the GPT baseline takes ids [B, T]; SAFFU models take a dict of contexts);
 the training regime (optimiser, learning-rate schedule) comes from the ``regime`` group.
 """
 
@@ -27,6 +28,7 @@ class LanguageModelModule(pl.LightningModule):
         schedule: str = "cosine",
         min_lr_ratio: float = 0.1,
         regime: str = "cold",
+        freeze_embeddings: bool = False,
     ):
         super().__init__()
         if schedule not in ("cosine", "constant"):
@@ -36,6 +38,9 @@ class LanguageModelModule(pl.LightningModule):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"regime.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         self.net = net
+        for module in net.modules():  # warm start: Adam on all but the (bit-cipher) embeddings
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.requires_grad_(not freeze_embeddings)
         self.optimizer_factory = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio, self.regime = warmup_steps, schedule, min_lr_ratio, regime
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
@@ -49,7 +54,7 @@ class LanguageModelModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower regime.optimizer.lr")
         self.tokens_seen += (y != IGNORE_INDEX).sum()
@@ -60,7 +65,10 @@ class LanguageModelModule(pl.LightningModule):
 
     def _evaluate(self, batch, metric: Perplexity, name: str):
         x, y = batch
-        metric.update(self(x).float(), y)
+        logits = self(x).float()
+        if logits.dim() == 2:  # one target per row (SAFFU framing): a sequence of length 1
+            logits, y = logits.unsqueeze(1), y.unsqueeze(1)
+        metric.update(logits, y)
         self.log(name, metric, prog_bar=True, on_step=False, on_epoch=True)
 
     def validation_step(self, batch, batch_idx):

@@ -28,7 +28,7 @@ def build_components(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    net = instantiate(cfg.model, vocab_size=datamodule.vocab_size)
+    net = instantiate(cfg.model, **datamodule.model_kwargs())
     module = instantiate(cfg.regime, net=net)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
@@ -79,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
     t = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     timings["time/fit_s"] = time.perf_counter() - t
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""  # none if fit trained nothing
     ckpt = best if best and Path(best).exists() else None
 
     t = time.perf_counter()
@@ -99,6 +99,7 @@ def run(cfg: DictConfig) -> dict:
         "vocab_size": datamodule.vocab_size,
         "tokens_seen": tokens_seen,
         **datamodule.stats,
+        **{k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()},
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "interrupted": trainer.interrupted,

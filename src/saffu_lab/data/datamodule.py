@@ -4,7 +4,8 @@
 and writes the tokenised splits to ``cache_dir/tokenized-<key>/``, where the key hashes the
 corpus fingerprint and the tokenizer settings: a sweep over model settings tokenises once.
 ``setup`` (every process) reads that cache, keeps the first ``train_tokens`` / ``dev_tokens``
-targets, and frames the splits as causal windows for the baseline.
+targets, and frames the splits with the ``framing`` object (causal windows for the GPT
+baseline, blocks and radii for SAFFU models; see ``saffu_lab.framing``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from saffu_lab.data.corpus import SPLITS, Corpus
 from saffu_lab.errors import ConfigError
-from saffu_lab.framing import SpecialIds, causal_windows, document_lengths, document_stream, first_n_tokens
+from saffu_lab.framing import SpecialIds, document_lengths, document_stream, first_n_tokens
 from saffu_lab.tokenizer import EOD, FRG, PAD, SOD, CountBPE, special_id
 
 
@@ -33,8 +34,8 @@ class LMDataModule(pl.LightningDataModule):
         tokenizer: CountBPE,
         cache_dir: str,
         path: str | None = None,
-        context_length: int = 128,
-        batch_size: int = 32,
+        framing=None,
+        batch_size: int | None = None,
         eval_batch_size: int | None = None,
         train_tokens: int | None = None,
         dev_tokens: int | None = None,
@@ -48,20 +49,21 @@ class LMDataModule(pl.LightningDataModule):
         for name, value in (("train_tokens", train_tokens), ("dev_tokens", dev_tokens), ("test_tokens", test_tokens)):
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name}={value} must be a positive token count, or null for the whole split")
-        if context_length < 1:
-            raise ConfigError(f"model.context_length={context_length} must be >= 1")
-        if batch_size < 1:
-            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
+        if framing is None:
+            raise ConfigError("data.framing is not set: it comes from the framing group (framing=causal or framing=blocks)")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1, or null for the framing's default")
         self.corpus_source, self.tokenizer_trainer = corpus, tokenizer
         self.cache_dir = Path(cache_dir)
-        self.context_length, self.batch_size = context_length, batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        # examples per batch: windows (causal framing) or targets (block framing)
+        self.framing, self.batch_size = framing, batch_size or framing.default_batch_size
+        self.eval_batch_size = eval_batch_size or 2 * self.batch_size
         self.limits = {"train": train_tokens, "dev": dev_tokens, "test": test_tokens}
         self.num_workers, self.seed = num_workers, seed
         self.cache_path: Path | None = None
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.windows: dict[str, TensorDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
         self.stats: dict = {"data/corpus": path or type(corpus).__name__}
         self.timings: dict[str, float] = {}
 
@@ -92,7 +94,7 @@ class LMDataModule(pl.LightningDataModule):
 
     # --- setup: read the cache, truncate, frame ----------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.windows:
+        if self.datasets:
             return
         self.prepare_data()  # a no-op once done; reads the cache location in DDP workers
         self.tokenizer = Tokenizer.from_file(str(self.cache_path / "tokenizer.json"))
@@ -101,11 +103,14 @@ class LMDataModule(pl.LightningDataModule):
             data = torch.load(self.cache_path / f"{split}.pt")
             ids, offsets = first_n_tokens(data["ids"], data["offsets"], self.limits[split])
             self.splits[split] = (ids, offsets)
-            x, y = causal_windows(document_stream(ids, offsets, sp), self.context_length, sp)
-            self.windows[split] = TensorDataset(x, y)
+            self.datasets[split] = self.framing.dataset(ids, offsets, sp)
             self.stats[f"data/{split}_tokens"] = int(document_lengths(offsets).sum()) + offsets.numel() - 1
             self.stats[f"data/{split}_documents"] = offsets.numel() - 1
         self.stats["vocab_size"] = self.vocab_size
+
+    def model_kwargs(self) -> dict:
+        """Data-derived constructor arguments of the model (vocabulary size, and what the framing adds)."""
+        return {"vocab_size": self.vocab_size, **self.framing.model_kwargs(self.datasets["train"], self.vocab_size, self.special_ids)}
 
     @property
     def special_ids(self) -> SpecialIds:
@@ -134,10 +139,11 @@ class LMDataModule(pl.LightningDataModule):
     # --- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        dataset = self.datasets[split]
         return DataLoader(
-            self.windows[split], batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            dataset, batch_size=self.batch_size if shuffle else self.eval_batch_size,
             shuffle=shuffle, generator=generator, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0, collate_fn=getattr(dataset, "collate", None),
         )
 
     def train_dataloader(self):

@@ -1,0 +1,211 @@
+"""SAFFU layers and the SAFFU transformer (sections 2.1 and 3 of the paper).
+
+One SAFFU (eq. 1), for a context of K token embeddings X[m] in R^{K x D} with head h:
+
+    Q[m, k] = <X[m, h], X[m, k]>                 # quadratic features, K of them
+    a[m]    = -log softmax(Q[m] W)               # W in R^{K x K}; a > 0
+    H[m]    = sum_k a[m,k] X[m,k]       (sum)    # R^D
+            | concat_k a[m,k] X[m,k]    (cat)    # R^{K D}
+    out[m]  = softmax(H[m] U)                    # U in R^{D x D_out} or R^{K D x D_out}
+
+The SAFFU transformer (section 3) runs a block SAFFU (K = b, D_b) and a radial SAFFU
+(K = r, D_r) side by side; each decodes to a D_H-dimensional distribution (trained
+explicitly against D_H-bit cipher codes of the target), and a final layer M in
+R^{2 D_H x N} decodes their concatenation (plus Delta document-model outputs, section 3.1)
+to the vocabulary:
+
+    logits[m] = concat(softmax(H_b U_b), softmax(H_r U_r) [, softmax(x D)]) M
+
+The explicit solution of every matrix lives in ``saffu_lab.solver``; this module only
+defines the function, its parameters and autoregressive generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saffu_lab.models.bitcipher import BitCipherEmbedding, codes_by_frequency
+
+AGGREGATIONS = ("sum", "cat")
+
+
+class SAFFU(nn.Module):
+    """One self-attentive feed-forward unit (eq. 1) over contexts of ``n_features`` token ids."""
+
+    def __init__(self, embedding: nn.Embedding, n_features: int, out_dim: int, aggregation: str, init_std: float = 0.02):
+        super().__init__()
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}")
+        if n_features < 2:
+            raise ValueError(f"a SAFFU needs at least 2 features (K >= 2), got K={n_features}")
+        self.embedding, self.n_features, self.aggregation = embedding, n_features, aggregation
+        dim = embedding.embedding_dim
+        self.hidden_dim = dim if aggregation == "sum" else n_features * dim
+        self.W = nn.Parameter(torch.randn(n_features, n_features) * init_std)
+        self.U = nn.Parameter(torch.randn(self.hidden_dim, out_dim) * init_std)
+
+    def quadratic_features(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Q[m, k] = <X[m, h_m], X[m, k]>  ->  [B, K]."""
+        x_head = X[torch.arange(X.shape[0], device=X.device), head]
+        return torch.einsum("bd,bkd->bk", x_head, X)
+
+    def attention(self, Q: torch.Tensor) -> torch.Tensor:
+        """a = -log softmax(Q W)  ->  [B, K], positive."""
+        return -torch.log_softmax(Q @ self.W, dim=-1)
+
+    def aggregate(self, a: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+        """H: the attention-weighted features, summed [B, D] or concatenated [B, K D]."""
+        weighted = a.unsqueeze(-1) * X
+        return weighted.sum(1) if self.aggregation == "sum" else weighted.flatten(1)
+
+    def hidden(self, ctx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        X = self.embedding(ctx)
+        return self.aggregate(self.attention(self.quadratic_features(X, head)), X)
+
+    def forward(self, ctx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Decoder logits H U  ->  [B, out_dim] (eq. 1 before its outer softmax)."""
+        return self.hidden(ctx, head) @ self.U
+
+
+class DocumentModel(nn.Module):
+    """Section 3.1: x = (E[<pad>] + sum of the document's preceding embeddings) / m; softmax(x D).
+
+    ``D`` predicts which training document (or group of documents, when there are more than
+    ``n_classes``) the prefix came from.
+    """
+
+    def __init__(self, embedding: nn.Embedding, n_classes: int, pad_id: int, init_std: float = 0.02):
+        super().__init__()
+        self.embedding, self.pad_id = embedding, pad_id
+        self.D = nn.Parameter(torch.randn(embedding.embedding_dim, n_classes) * init_std)
+
+    def features(self, prefix: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+        """x [B, D_doc] from the preceding ids ``prefix [B, L]`` (padded with <pad>) and their count."""
+        e = self.embedding(prefix)
+        valid = torch.arange(prefix.shape[1], device=prefix.device)[None, :] < prefix_len[:, None]
+        total = (e * valid.unsqueeze(-1)).sum(1) + self.embedding.weight[self.pad_id]
+        return total / (prefix_len + 1).unsqueeze(-1).to(total.dtype)
+
+    def forward(self, prefix: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+        return self.features(prefix, prefix_len) @ self.D
+
+
+class SAFFUTransformer(nn.Module):
+    """The encoder-decoder SAFFU transformer of section 3 (block + radial SAFFUs, then M).
+
+    ``token_counts`` orders the bit-cipher codes (frequent tokens get low-norm codes);
+    ``special_ids`` gives the framing tokens used by ``generate``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        token_counts: torch.Tensor,
+        special_ids,
+        block_size: int = 128,
+        radius: int = 8,
+        block_dim: int = 128,
+        radial_dim: int = 32,
+        hidden_dim: int = 512,
+        block_aggregation: str = "sum",
+        radial_aggregation: str = "cat",
+        head: str | int = "most_recent",
+        document_model: bool = False,
+        n_documents: int = 1,
+        document_classes: int = 1024,
+        document_dim: int = 32,
+        embedding=BitCipherEmbedding,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        for name, value in (("block_size", block_size), ("radius", radius)):
+            if value < 2:
+                raise ValueError(f"model.{name}={value} must be >= 2 (a SAFFU attends over at least 2 features)")
+        if radius > block_size:
+            raise ValueError(f"model.radius={radius} must be <= model.block_size={block_size} (r > b: the radius would reach past the block)")
+        for name, value in (("block_dim", block_dim), ("radial_dim", radial_dim), ("hidden_dim", hidden_dim)):
+            if value < 1:
+                raise ValueError(f"model.{name}={value} must be >= 1")
+        for name, value in (("block_dim", block_dim), ("radial_dim", radial_dim), ("hidden_dim", hidden_dim)):
+            if value < 62 and vocab_size > 2**value - 1:
+                raise ValueError(f"model.{name}={value} bits give only {2**value - 1} bit-cipher codes for {vocab_size} tokens")
+        if not (head == "most_recent" or (isinstance(head, int) and 0 <= head < radius)):
+            raise ValueError(f"model.head={head!r} must be 'most_recent' or a feature index in [0, radius={radius})")
+        if document_model and document_classes < 1:
+            raise ValueError(f"model.document_classes={document_classes} must be >= 1")
+        token_counts = torch.as_tensor(token_counts, dtype=torch.float64)
+        if token_counts.numel() != vocab_size:
+            raise ValueError(f"token_counts has {token_counts.numel()} entries for a vocabulary of {vocab_size}")
+        self.vocab_size, self.block_size, self.radius, self.head = vocab_size, block_size, radius, head
+        self.pad_id, self.sod_id, self.frg_id = special_ids.pad, special_ids.sod, special_ids.frg
+        self.block = SAFFU(embedding(token_counts, block_dim), block_size, hidden_dim, block_aggregation, init_std)
+        self.radial = SAFFU(embedding(token_counts, radial_dim), radius, hidden_dim, radial_aggregation, init_std)
+        # hidden targets of both SAFFUs: the D_H-bit cipher of the vocabulary, normalised (sec. 3)
+        codes = codes_by_frequency(token_counts, hidden_dim)
+        self.register_buffer("hidden_targets", codes / codes.sum(1, keepdim=True))
+        self.n_document_classes = min(document_classes, n_documents) if document_model else 0
+        self.document = (DocumentModel(embedding(token_counts, document_dim), self.n_document_classes, self.pad_id, init_std)
+                         if document_model else None)
+        self.M = nn.Parameter(torch.randn(2 * hidden_dim + self.n_document_classes, vocab_size) * init_std)
+
+    # --- forward -------------------------------------------------------------------------
+    def heads(self, block_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head feature of each SAFFU: the most recent context token (block position j-1), or a fixed index."""
+        if self.head == "most_recent":
+            return block_position - 1, torch.full_like(block_position, self.radius - 1)
+        return torch.full_like(block_position, self.head), torch.full_like(block_position, self.head)
+
+    def decoder_inputs(self, inputs: dict) -> torch.Tensor:
+        """The concatenated distributions that M decodes: [B, 2 D_H (+ Delta)]."""
+        head_b, head_r = self.heads(inputs["position"])
+        parts = [torch.softmax(self.block(inputs["block"], head_b), -1), torch.softmax(self.radial(inputs["radial"], head_r), -1)]
+        if self.document is not None:
+            parts.append(torch.softmax(self.document(inputs["prefix"], inputs["prefix_len"]), -1))
+        return torch.cat(parts, dim=-1)
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """Next-token logits [B, N] for the targets described by ``inputs`` (see BlockFraming)."""
+        return self.decoder_inputs(inputs) @ self.M
+
+    # --- generation ----------------------------------------------------------------------
+    def frame_next(self, generated: torch.Tensor) -> dict:
+        """Inputs for the next target of documents whose targets so far are ``generated [B, t]``."""
+        B, t = generated.shape
+        b, r, dev = self.block_size, self.radius, generated.device
+        start = (t // (b - 1)) * (b - 1)
+        position = 1 + t % (b - 1)
+        block = torch.full((B, b), self.pad_id, dtype=torch.long, device=dev)
+        block[:, 0] = self.sod_id if start == 0 else self.frg_id
+        block[:, 1:position] = generated[:, start:t]
+        cols = torch.arange(position - r, position, device=dev)
+        radial = torch.where(cols >= 0, block[:, cols.clamp(min=0)], torch.full_like(block[:, :r], self.pad_id))
+        inputs = {"block": block, "radial": radial, "position": torch.full((B,), position, dtype=torch.long, device=dev)}
+        if self.document is not None:
+            prefix = generated if t else torch.full((B, 1), self.pad_id, dtype=torch.long, device=dev)
+            inputs.update(prefix=prefix, prefix_len=torch.full((B,), t, dtype=torch.long, device=dev))
+        return inputs
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_id: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+                 banned_ids: tuple[int, ...] = ()) -> torch.Tensor:
+        """Sample documents; ``prompt [B, 1]`` is the ``<sod>`` column. Returns ``[B, 1 + n]``."""
+        generated = prompt[:, 1:]
+        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new_tokens):
+            logits = self(self.frame_next(generated)) / max(temperature, 1e-6)
+            if banned_ids:
+                logits[:, list(banned_ids)] = -float("inf")
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            if stop_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
+                done |= nxt == stop_id
+            generated = torch.cat([generated, nxt[:, None]], 1)
+            if stop_id is not None and bool(done.all()):
+                break
+        return torch.cat([prompt[:, :1], generated], 1)

@@ -1,0 +1,321 @@
+"""The explicit solution of a SAFFU transformer (sections 2.2-2.4 and 4), in plain PyTorch.
+
+Every matrix is a column-wise translation of a log co-occurrence matrix (eq. 7 / eq. 3):
+
+    Sol(F, K)[j, i] = log F[j, i] - (K - 1)/K * log sum_d F[d, i]         K: priming number
+
+    W = Sol(F(Q, V), log K)          eq. 6: attention, supervised by V (or V-hat at start-up)
+    U = Sol(F(H, Y~), K log K)       eq. 5: each SAFFU's decoder, targets Y~ = D_H-bit codes
+    M = Sol(F(concat outputs, Y), n) final layer, n concatenated unit-norm distributions
+    D = Sol(F(x, document), 1)       the document model (section 3.1)
+
+with F(A, B) = A^T B (eq. 2) and the SAFFU's internal targets (section 2.3.2 / 2.4):
+
+    V-hat[m, k] = (log E[i_m] - (log E)^T p + c) . X[m, k]            start-up, p = target unigram
+    V[m, k]     = (U_k y~_m - U_k softmax(H[m] U) + c) . X[m, k]      tuning; U_k = k-th block in cat
+    c = 2 (1 + 1/K) log N_out
+
+Procedure (section 4): start-up on the first fold (W from V-hat, then U, then M), then one
+tuning pass per further fold (V from the current U and W; then W, U, M again), or
+``tuning_iterations`` passes over the data when it is a single fold.
+
+Everything streams: each pass walks its fold in batches and accumulates sums (Q^T V; and
+``index_add_`` of H and of the decoder inputs by target id, turned into F by one product at
+the end), so memory is bounded by the matrices, not the corpus. The sums are all-reduced
+across processes when ``torch.distributed`` is initialised, so DDP solves equal the
+single-process solve. Zero co-occurrences are smoothed before the log; entries of F that
+are not positive are counted; a solution with NaN or inf is never written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from saffu_lab.models.saffu import SAFFU, SAFFUTransformer
+
+PRIMINGS = ("paper", "mean_norm")
+
+
+def explicit_solution(F: torch.Tensor, priming: float, smoothing: float) -> tuple[torch.Tensor, int]:
+    """Eq. 7: log F - (K-1)/K log colsum(F), after smoothing. Returns (solution, non-positive count).
+
+    Entries <= 0 are set to 0 and every entry gets ``smoothing`` times the mean positive
+    mass, so that the log is finite.
+    """
+    nonpositive = int((F <= 0).sum())
+    positive = F.clamp(min=0)
+    eps = smoothing * float(positive.sum()) / positive.numel()
+    if eps <= 0:
+        eps = smoothing
+    Fs = positive + eps
+    solution = torch.log(Fs) - (priming - 1) / priming * torch.log(Fs.sum(0, keepdim=True))
+    if not torch.isfinite(solution).all():
+        raise FloatingPointError("explicit solution has NaN/inf entries; raise solver.smoothing")
+    return solution, nonpositive
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@dataclass
+class SolveReport:
+    folds: int = 0
+    targets: int = 0
+    passes: int = 0
+    seconds: dict = field(default_factory=dict)
+    nonpositive: dict = field(default_factory=dict)
+    priming: dict = field(default_factory=dict)
+
+    def metrics(self) -> dict:
+        out = {"explicit/folds": self.folds, "explicit/targets": self.targets, "explicit/passes": self.passes,
+               "explicit/solve_s": sum(self.seconds.values())}
+        out.update({f"explicit/{k}_s": v for k, v in self.seconds.items()})
+        out.update({f"explicit/nonpositive_{k}": v for k, v in self.nonpositive.items()})
+        return out
+
+
+class ExplicitSolver:
+    """Solves every matrix of a ``SAFFUTransformer`` from a ``BlockTargets`` dataset.
+
+    Args:
+        fold_tokens: targets per fold (the paper: 1M).
+        tuning_iterations: tuning passes when the data is a single fold (0: start-up only,
+            the paper's ablation mode).
+        batch_size: targets per batch of a streaming pass.
+        smoothing: added to co-occurrences, relative to their mean positive value.
+        priming: "paper" (K_W = log K, K_U = K log K, K_M = parts) or "mean_norm" (the mean
+            1-norm of each layer's inputs, section 2.2).
+        all_reduce: sums across processes; default: ``torch.distributed`` when initialised.
+    """
+
+    def __init__(self, fold_tokens: int = 1_000_000, tuning_iterations: int = 1, batch_size: int = 4096,
+                 smoothing: float = 1e-3, priming: str = "paper", progress: bool = True,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if fold_tokens < 1:
+            raise ValueError(f"solver.fold_tokens={fold_tokens} must be >= 1")
+        if tuning_iterations < 0:
+            raise ValueError(f"solver.tuning_iterations={tuning_iterations} must be >= 0")
+        if batch_size < 1:
+            raise ValueError(f"solver.batch_size={batch_size} must be >= 1")
+        if not smoothing > 0:
+            raise ValueError(f"solver.smoothing={smoothing} must be > 0 (it keeps log F finite)")
+        if priming not in PRIMINGS:
+            raise ValueError(f"solver.priming={priming!r} is not one of {PRIMINGS}")
+        self.fold_tokens, self.tuning_iterations, self.batch_size = fold_tokens, tuning_iterations, batch_size
+        self.smoothing, self.priming, self.progress = smoothing, priming, progress
+        self.all_reduce = all_reduce or _all_reduce
+
+    # --- driver --------------------------------------------------------------------------
+    def solve(self, net: SAFFUTransformer, data, rank: int = 0, world_size: int = 1) -> SolveReport:
+        """Solve ``net`` in place from ``data`` (a ``BlockTargets``); this process takes every
+        ``world_size``-th target of each fold from ``rank``."""
+        for unit in (net.block, net.radial):
+            if not bool((unit.embedding.weight > 0).all()):
+                raise ValueError("the explicit solve takes log E (V-hat, section 2.4), so embeddings must be strictly "
+                                 "positive: use bit-cipher embeddings with noise (embedding=bitcipher embedding.noise=true)")
+        report = SolveReport()
+        n = len(data)
+        folds = [torch.arange(s, min(s + self.fold_tokens, n)) for s in range(0, n, self.fold_tokens)]
+        report.folds, report.targets = len(folds), n
+        schedule = [("start-up", folds[0])]
+        if len(folds) > 1:
+            schedule += [(f"tuning {i}", f) for i, f in enumerate(folds[1:], 1)]
+        else:
+            schedule += [(f"tuning {i + 1}", folds[0]) for i in range(self.tuning_iterations)]
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            for stage, fold in schedule:
+                rows = fold[rank::world_size]
+                self._count = float(self.all_reduce(torch.tensor(float(rows.numel()), dtype=torch.float64)))
+                start = time.perf_counter()
+                self.solve_attention(net, data, rows, startup=stage == "start-up", report=report, stage=stage)
+                self.solve_decoders(net, data, rows, report, stage)
+                self.solve_final(net, data, rows, report, stage)
+                report.seconds[stage.replace(" ", "_")] = time.perf_counter() - start
+        net.train(was_training)
+        return report
+
+    def _batches(self, data, rows: torch.Tensor, desc: str):
+        """Batches of the fold, ordered by block position: in a batch whose targets sit at
+        positions <= L, block columns >= L are <pad> for every row (see ``_features``)."""
+        rows = rows[torch.argsort(data.framed.position[rows], stable=True)]
+        bar = tqdm(total=rows.numel(), desc=desc, unit="tok", unit_scale=True, disable=not self.progress,
+                   leave=False, mininterval=1)
+        for s in range(0, rows.numel(), self.batch_size):
+            chunk = rows[s:s + self.batch_size]
+            yield data.collate(chunk)
+            bar.update(chunk.numel())
+        bar.close()
+
+    def _set(self, param: torch.nn.Parameter, value: torch.Tensor, name: str, report: SolveReport, nonpositive: int):
+        param.copy_(value.to(param.dtype))
+        report.nonpositive[name] = nonpositive
+
+    def _priming(self, kind: str, unit: SAFFU | None, norm_sum: torch.Tensor, count: int, parts: int = 1) -> float:
+        if self.priming == "mean_norm":
+            return max(float(norm_sum) / max(count, 1), 1.0 + 1e-6)
+        K = unit.n_features if unit is not None else parts
+        return {"W": math.log(K), "U": K * math.log(K), "M": float(parts), "D": 1.0}[kind]
+
+    # --- one SAFFU's features, with the padded tail folded into one column ---------------
+    @staticmethod
+    def _features(unit: SAFFU, ctx, head, gram, pad_id: int, real_cols: int | None):
+        """Q [B, K] (gathered from G = E E^T), X [B, L, D] of the first L = ``real_cols`` columns,
+        and the embedding of the <pad> that fills columns L..K-1 (None when L = K)."""
+        Q = gram[ctx[torch.arange(ctx.shape[0]), head][:, None], ctx]
+        if real_cols is None or real_cols >= ctx.shape[1] or unit.aggregation == "cat":
+            return Q, unit.embedding(ctx), None
+        return Q, unit.embedding(ctx[:, :real_cols]), unit.embedding.weight[pad_id]
+
+    @staticmethod
+    def _hidden(unit: SAFFU, a, X, e_tail):
+        """H = sum_k a_k X_k (or the concatenation); the tail contributes (sum of its a_k) E[<pad>]."""
+        if e_tail is None:
+            return unit.aggregate(a, X)
+        L = X.shape[1]
+        return unit.aggregate(a[:, :L], X) + a[:, L:].sum(1, keepdim=True) * e_tail
+
+    @staticmethod
+    def _dot_features(lead, X, e_tail, K: int, c: float):
+        """(lead + c) . X[m, k] for every k  ->  [B, K] (embedding rows sum to 1)."""
+        head_part = torch.einsum("bd,bkd->bk", lead, X) + c * X.sum(-1)
+        if e_tail is None:
+            return head_part
+        tail = (lead @ e_tail + c * e_tail.sum())[:, None].expand(-1, K - X.shape[1])
+        return torch.cat([head_part, tail], 1)
+
+    def _decoder_inputs(self, net, inputs, gram) -> torch.Tensor:
+        """``net.decoder_inputs`` computed with the padded tail folded (same values, less work)."""
+        parts = []
+        L = int(inputs["position"].max())
+        for unit, ctx, head, cols in self._units(net, inputs, L):
+            Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
+            parts.append(torch.softmax(self._hidden(unit, unit.attention(Q), X, e_tail) @ unit.U, -1))
+        if net.document is not None:
+            parts.append(torch.softmax(net.document(inputs["prefix"], inputs["prefix_len"]), -1))
+        return torch.cat(parts, -1)
+
+    @staticmethod
+    def _units(net, inputs, L):
+        head_b, head_r = net.heads(inputs["position"])
+        return ((net.block, inputs["block"], head_b, L), (net.radial, inputs["radial"], head_r, None))
+
+    @staticmethod
+    def _grams(net) -> dict:
+        return {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}  # G = E E^T
+
+    # --- eq. 6: attention layers ---------------------------------------------------------
+    def solve_attention(self, net, data, rows, startup: bool, report: SolveReport, stage: str):
+        units = {"block": (net.block, "block"), "radial": (net.radial, "radial")}
+        F = {k: torch.zeros(u.n_features, u.n_features, dtype=torch.float64) for k, (u, _) in units.items()}
+        q_norm = {k: torch.zeros((), dtype=torch.float64) for k in units}
+        n_out = net.hidden_targets.shape[1]
+        if startup:  # V-hat needs the target unigram p over this fold
+            p = torch.zeros(net.vocab_size, dtype=torch.float64)
+            p.index_add_(0, data.framed.targets[rows], torch.ones(rows.numel(), dtype=torch.float64))
+            p = self.all_reduce(p)
+            p /= p.sum()
+            log_e = {k: torch.log(u.embedding.weight.double()) for k, (u, _) in units.items()}
+            log_e_bar = {k: (p[:, None] * log_e[k]).sum(0) for k in units}  # (log E)^T p
+        gram = self._grams(net)
+        for inputs, targets in self._batches(data, rows, f"{stage}: attention"):
+            L = int(inputs["position"].max())
+            for (key, _), (unit, ctx, head, cols) in zip(units.items(), self._units(net, inputs, L)):
+                K = unit.n_features
+                c = 2 * (1 + 1 / K) * math.log(n_out)
+                Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
+                if startup:
+                    lead = (log_e[key][targets] - log_e_bar[key]).float()  # log E[i_m] - (log E)^T p
+                else:
+                    lead = self._variational_lead(unit, Q, X, e_tail, net.hidden_targets[targets])
+                if startup or unit.aggregation == "sum":
+                    V = self._dot_features(lead, X, e_tail, K, c)
+                else:  # cat tuning: lead is already (X_k U_k) . (y~ - y_hat)
+                    V = lead + c * X.sum(-1)
+                F[key] += Q.double().T @ V.double()  # eq. 2: F(Q, V) = Q^T V
+                q_norm[key] += Q.double().sum()
+        for key, (unit, _) in units.items():
+            total = self.all_reduce(F[key])
+            norm = self.all_reduce(q_norm[key])
+            K_W = self._priming("W", unit, norm, self._count)
+            W, bad = explicit_solution(total, K_W, self.smoothing)
+            self._set(unit.W, W, f"{key}_W", report, bad)
+            report.priming[f"{key}_W"] = K_W
+        report.passes += 1
+
+    def _variational_lead(self, unit: SAFFU, Q, X, e_tail, y_tilde) -> torch.Tensor:
+        """Section 2.4: V[m,k] = (U_k y~_m - U_k softmax(H_m U) + c) . X[m,k].
+
+        Sum mode returns the D-vector U (y~ - y_hat) that is dotted with every X[m,k]; cat mode,
+        where each k has its own block U_k, returns (X_k U_k) . (y~ - y_hat) itself [B, K].
+        """
+        a = unit.attention(Q)
+        if unit.aggregation == "sum":
+            y_hat = torch.softmax(self._hidden(unit, a, X, e_tail) @ unit.U, -1)
+            return (y_tilde - y_hat) @ unit.U.T  # [B, D]
+        K, D = X.shape[1], X.shape[2]
+        P = torch.einsum("bkd,kdh->bkh", X, unit.U.view(K, D, -1))  # X_k U_k, shared by y_hat and V
+        y_hat = torch.softmax(torch.einsum("bk,bkh->bh", a, P), -1)
+        return torch.einsum("bkh,bh->bk", P, y_tilde - y_hat)  # [B, K]
+
+    # --- eq. 5: SAFFU decoders (and the document model) --------------------------------
+    def solve_decoders(self, net, data, rows, report: SolveReport, stage: str):
+        N = net.vocab_size
+        S = {"block": torch.zeros(N, net.block.hidden_dim, dtype=torch.float64),
+             "radial": torch.zeros(N, net.radial.hidden_dim, dtype=torch.float64)}
+        h_norm = {k: torch.zeros((), dtype=torch.float64) for k in S}
+        doc = net.document
+        if doc is not None:
+            S_doc = torch.zeros(net.n_document_classes, doc.D.shape[0], dtype=torch.float64)
+            n_docs = int(data.framed.first_block.numel())
+        gram = self._grams(net)
+        for inputs, targets in self._batches(data, rows, f"{stage}: decoders"):
+            L = int(inputs["position"].max())
+            for key, (unit, ctx, head, cols) in zip(("block", "radial"), self._units(net, inputs, L)):
+                Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
+                H = self._hidden(unit, unit.attention(Q), X, e_tail)
+                S[key].index_add_(0, targets, H.double())  # sum of H per target token
+                h_norm[key] += H.double().sum()
+            if doc is not None:
+                x = doc.features(inputs["prefix"], inputs["prefix_len"])
+                classes = inputs["document"] * net.n_document_classes // n_docs
+                S_doc.index_add_(0, classes, x.double())
+        count = self._count
+        for key, unit in (("block", net.block), ("radial", net.radial)):
+            F = self.all_reduce(S[key]).T @ net.hidden_targets.double()  # F(H, Y~) = H^T Y~
+            K_U = self._priming("U", unit, self.all_reduce(h_norm[key]), count)
+            U, bad = explicit_solution(F, K_U, self.smoothing)
+            self._set(unit.U, U, f"{key}_U", report, bad)
+            report.priming[f"{key}_U"] = K_U
+        if doc is not None:
+            D, bad = explicit_solution(self.all_reduce(S_doc).T, 1.0, self.smoothing)
+            self._set(doc.D, D, "document_D", report, bad)
+        report.passes += 1
+
+    # --- the final layer M --------------------------------------------------------------
+    def solve_final(self, net, data, rows, report: SolveReport, stage: str):
+        S = torch.zeros(net.vocab_size, net.M.shape[0], dtype=torch.float64)
+        norm = torch.zeros((), dtype=torch.float64)
+        gram = self._grams(net)
+        for inputs, targets in self._batches(data, rows, f"{stage}: final layer"):
+            hidden = self._decoder_inputs(net, inputs, gram)
+            S.index_add_(0, targets, hidden.double())  # F(hidden, Y) with one-hot Y, by scatter
+            norm += hidden.double().sum()
+        parts = 3 if net.document is not None else 2
+        K_M = self._priming("M", None, self.all_reduce(norm), self._count, parts=parts)
+        M, bad = explicit_solution(self.all_reduce(S).T, K_M, self.smoothing)
+        self._set(net.M, M, "M", report, bad)
+        report.priming["M"] = K_M
+        report.passes += 1
+

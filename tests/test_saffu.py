@@ -1,0 +1,221 @@
+"""SAFFU models and their explicit solution: bit-cipher codes, eq. 7 against backprop, the
+solved transformer against unigram and random baselines, the (r, b) grid, determinism, DDP."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from saffu_lab.data.corpus import SyntheticCorpus
+from saffu_lab.data.datamodule import LMDataModule
+from saffu_lab.framing import BlockFraming
+from saffu_lab.models.bitcipher import BitCipherEmbedding, bit_cipher_codes, bit_cipher_embedding, codes_by_frequency
+from saffu_lab.models.saffu import SAFFUTransformer
+from saffu_lab.solver import ExplicitSolver, explicit_solution
+from saffu_lab.tokenizer import CountBPE
+
+# --- bit-cipher -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [3, 4, 6])
+def test_bit_cipher_codes(dim):
+    n = 2**dim - 1
+    z = bit_cipher_codes(n, dim)
+    assert len({tuple(r) for r in z.tolist()}) == n  # N distinct codes for N <= 2^D - 1
+    assert set(z.unique().tolist()) <= {0.0, 1.0}
+    norms = z.sum(1)
+    assert bool((norms[1:] >= norms[:-1]).all())  # norms never decrease with rank
+    assert torch.equal(z[:dim], torch.eye(dim))  # the first D codes are the standard basis
+    with pytest.raises(ValueError, match="2\\^D - 1"):
+        bit_cipher_codes(n + 1, dim)
+
+
+def test_codes_follow_frequency_and_embeddings_are_positive_simplex_rows():
+    counts = torch.tensor([5.0, 100.0, 1.0, 50.0, 0.0, 7.0])
+    z = codes_by_frequency(counts, 3)
+    assert z[1].tolist() == [1, 0, 0] and z[3].tolist() == [0, 1, 0] and z[5].tolist() == [0, 0, 1]
+    assert z[4].sum() >= z[2].sum() >= z[0].sum()  # rarer tokens, higher-norm codes
+    e = bit_cipher_embedding(counts, 3, noise=True)
+    assert torch.allclose(e.sum(1), torch.ones(6), atol=1e-6) and bool((e > 0).all())
+    plain = bit_cipher_embedding(counts, 3, noise=False)
+    assert torch.allclose(plain.sum(1), torch.ones(6)) and bool((plain == 0).any())
+    emb = BitCipherEmbedding(counts, 3)
+    assert not emb.weight.requires_grad and torch.allclose(emb.weight, e)
+
+
+# --- eq. 7 on a single softmax layer ------------------------------------------------------------
+
+
+def test_single_layer_explicit_solution_is_near_the_backprop_optimum():
+    """Two one-hot features per example (K = 2, sum-aggregated), targets from a known
+    conditional: the explicit solution lands far below uniform and unigram, near the optimum."""
+    g = torch.Generator().manual_seed(0)
+    D, N, M = 12, 16, 20_000
+    torch.manual_seed(0)
+    experts = torch.distributions.Dirichlet(torch.full((D, N), 0.5)).sample()  # P(y | a, b) ~ p_a(y) p_b(y)
+    a, b = torch.randint(0, D, (M,), generator=g), torch.randint(0, D, (M,), generator=g)
+    y = torch.multinomial(experts[a] * experts[b], 1, generator=g).squeeze(1)
+    H = torch.nn.functional.one_hot(a, D).double() + torch.nn.functional.one_hot(b, D).double()
+    F = torch.zeros(D, N, dtype=torch.float64).index_add_(1, y, H.T)  # F(H, Y) = H^T Y, by scatter
+    U_explicit, _ = explicit_solution(F, priming=2.0, smoothing=1e-3)
+
+    def loss(U):
+        return float(torch.nn.functional.cross_entropy(H @ U, y))
+
+    U_opt = torch.zeros(D, N, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([U_opt], max_iter=300, line_search_fn="strong_wolfe")
+    opt.step(lambda: (opt.zero_grad(), (l := torch.nn.functional.cross_entropy(H @ U_opt, y)), l.backward(), l)[-1])
+    unigram = torch.bincount(y, minlength=N).double() / M
+    l_opt, l_exp = loss(U_opt.detach()), loss(U_explicit)
+    l_rand = loss(torch.randn(D, N, dtype=torch.float64, generator=g))
+    l_unigram = float(-(unigram[y]).log().mean())
+    print(f"optimum {l_opt:.3f}  explicit {l_exp:.3f}  random {l_rand:.3f}  unigram {l_unigram:.3f}  uniform {math.log(N):.3f}")
+    assert l_exp < l_unigram - 0.5 and l_exp < math.log(N) - 0.5
+    assert l_exp - l_opt < 0.1 * (l_rand - l_opt), (l_opt, l_exp, l_rand)
+
+
+# --- the SAFFU transformer on the synthetic corpus ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    def make(b=16, r=4, document_prefix=False, words=20_000):
+        dm = LMDataModule(corpus=SyntheticCorpus(seed=0, train_words=words, dev_words=3000, test_words=3000),
+                          tokenizer=CountBPE(progress=False), cache_dir=str(tmp_path_factory.getbasetemp() / "saffu-cache"),
+                          framing=BlockFraming(b, r, document_prefix))
+        dm.setup()
+        return dm
+    return make
+
+
+def build(dm, **kw):
+    torch.manual_seed(0)
+    args = {"block_size": dm.framing.block_size, "radius": dm.framing.radius, "block_dim": 32, "radial_dim": 16,
+            "hidden_dim": 64, "radial_aggregation": "cat", **kw}
+    return SAFFUTransformer(**dm.model_kwargs(), **args)
+
+
+@torch.no_grad()
+def perplexity(net, dm, split="dev"):
+    ds = dm.datasets[split]
+    inputs, y = ds.collate(torch.arange(len(ds)))
+    return math.exp(float(torch.nn.functional.cross_entropy(net(inputs), y)))
+
+
+def test_explicit_solve_beats_unigram_and_random_init(synthetic):
+    dm = synthetic()
+    net = build(dm)
+    random_ppl = perplexity(net, dm)
+    report = ExplicitSolver(tuning_iterations=1, batch_size=1000, progress=False).solve(net, dm.datasets["train"])
+    solved = perplexity(net, dm)
+    unigram = dm.unigram_perplexity("train", "dev")
+    assert solved < 0.4 * unigram, (solved, unigram)
+    assert solved < 0.1 * random_ppl
+    assert report.folds == 1 and report.passes == 6
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_shapes_of_sum_and_cat(synthetic):
+    dm = synthetic()
+    for block_agg, radial_agg in (("sum", "sum"), ("sum", "cat"), ("cat", "sum"), ("cat", "cat")):
+        net = build(dm, block_aggregation=block_agg, radial_aggregation=radial_agg)
+        b, r = net.block_size, net.radius
+        assert net.block.U.shape == ((32 if block_agg == "sum" else b * 32), 64)
+        assert net.radial.U.shape == ((16 if radial_agg == "sum" else r * 16), 64)
+        assert net.block.W.shape == (b, b) and net.radial.W.shape == (r, r) and net.M.shape == (128, dm.vocab_size)
+        inputs, y = dm.datasets["dev"].collate(torch.arange(5))
+        assert net(inputs).shape == (5, dm.vocab_size)
+
+
+def test_no_nan_or_inf_anywhere_on_the_grid(synthetic):
+    for b in (2, 4, 8, 16, 32, 64, 128):
+        for r in (2, 4, 8, 16, 32, 64, 128):
+            if r > b:
+                continue
+            dm = synthetic(b=b, r=r, words=1500)
+            for radial in ("sum", "cat"):
+                net = build(dm, radial_aggregation=radial)
+                ExplicitSolver(tuning_iterations=1, batch_size=512, progress=False).solve(net, dm.datasets["train"])
+                for name, p in net.named_parameters():
+                    assert torch.isfinite(p).all(), (b, r, radial, name)
+
+
+def test_r_greater_than_b_is_rejected(synthetic):
+    dm = synthetic()
+    with pytest.raises(ValueError, match="r > b"):
+        build(dm, block_size=4, radius=8)
+    with pytest.raises(ValueError, match="r > b"):
+        BlockFraming(4, 8)
+
+
+def test_same_seed_gives_bit_identical_weights(synthetic):
+    dm = synthetic()
+    nets = [build(dm) for _ in range(2)]
+    for net in nets:
+        ExplicitSolver(tuning_iterations=1, batch_size=700, progress=False).solve(net, dm.datasets["train"])
+    for (name, p), q in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_folds_stream_and_tune_once_per_further_fold(synthetic):
+    dm = synthetic()
+    net = build(dm)
+    n = len(dm.datasets["train"])
+    report = ExplicitSolver(fold_tokens=n // 3 + 1, tuning_iterations=5, batch_size=500, progress=False).solve(net, dm.datasets["train"])
+    assert report.folds == 3 and report.passes == 9  # start-up + 2 tuning folds, 3 passes each
+    assert perplexity(net, dm) < 0.4 * dm.unigram_perplexity("train", "dev")
+
+
+def test_document_model_solves_without_nan(synthetic):
+    dm = synthetic(document_prefix=True)
+    net = build(dm, document_model=True, document_classes=50)
+    assert net.M.shape[0] == 2 * 64 + 50
+    ExplicitSolver(tuning_iterations=1, batch_size=1000, progress=False).solve(net, dm.datasets["train"])
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert perplexity(net, dm) < 0.4 * dm.unigram_perplexity("train", "dev")
+
+
+def test_generation_frames_like_the_data(synthetic):
+    """The contexts built while generating equal the data framing's contexts for the same document."""
+    dm = synthetic(b=6, r=3, document_prefix=True)
+    net = build(dm, document_model=True, document_classes=10)
+    ds = dm.datasets["train"]
+    doc_targets = ds.framed.targets[ds.document == 3]
+    rows = torch.nonzero(ds.document == 3).squeeze(1)
+    for t in range(doc_targets.numel()):
+        expected, _ = ds.collate(rows[t:t + 1])
+        got = net.frame_next(doc_targets[None, :t])
+        for key in ("block", "radial", "position"):
+            assert torch.equal(got[key], expected[key]), (t, key)
+        assert int(got["prefix_len"]) == int(expected["prefix_len"])
+    sp = dm.special_ids
+    out = net.generate(torch.full((3, 1), sp.sod), 20, stop_id=sp.eod, generator=torch.Generator().manual_seed(0),
+                       banned_ids=(sp.pad, sp.sod, sp.frg))
+    assert out.shape[0] == 3 and not torch.isin(out[:, 1:], torch.tensor([sp.pad, sp.sod, sp.frg])).any()
+
+
+def _ddp_worker(rank, world, path, train, sp_kwargs, result):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = SAFFUTransformer(**sp_kwargs)
+    ExplicitSolver(tuning_iterations=1, batch_size=300, progress=False).solve(net, train, rank=rank, world_size=world)
+    if rank == 0:
+        torch.save(net.state_dict(), result)
+    dist.destroy_process_group()
+
+
+def test_ddp_solve_equals_single_process(synthetic, tmp_path):
+    dm = synthetic()
+    kwargs = {**dm.model_kwargs(), "block_size": 16, "radius": 4, "block_dim": 32, "radial_dim": 16, "hidden_dim": 64}
+    torch.manual_seed(0)
+    single = SAFFUTransformer(**kwargs)
+    ExplicitSolver(tuning_iterations=1, batch_size=300, progress=False).solve(single, dm.datasets["train"])
+    mp.spawn(_ddp_worker, args=(2, tmp_path / "rendezvous", dm.datasets["train"], kwargs, tmp_path / "ddp.pt"), nprocs=2)
+    ddp = torch.load(tmp_path / "ddp.pt")
+    for name, p in single.state_dict().items():
+        assert torch.allclose(p, ddp[name], rtol=1e-5, atol=1e-6), name
