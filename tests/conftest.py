@@ -25,11 +25,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("SAFFU_LAB_ROOT", str(ROOT))
 
-# a corpus and model small enough that a whole run takes seconds
-TINY = [
-    "data.corpus.train_words=4000", "data.corpus.dev_words=600", "data.corpus.test_words=600",
-    "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context_length=32",
-    "data.batch_size=16", "trainer.max_epochs=2", "callbacks.samples.max_new_tokens=12",
+# a corpus and models small enough that a whole run takes seconds
+TINY_DATA = ["data.corpus.train_words=4000", "data.corpus.dev_words=600", "data.corpus.test_words=600",
+             "callbacks.samples.max_new_tokens=12"]
+TINY = TINY_DATA + [  # the GPT baseline
+    "model=gpt", "regime=cold", "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.context_length=32",
+    "data.batch_size=16", "trainer.max_epochs=2",
+]
+TINY_SAFFU = TINY_DATA + [
+    "model=saffu_cat_r8", "model.block_size=16", "model.radius=4", "model.block_dim=32", "model.radial_dim=16",
+    "model.hidden_dim=64", "data.batch_size=256",
 ]
 
 

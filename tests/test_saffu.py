@@ -219,3 +219,17 @@ def test_ddp_solve_equals_single_process(synthetic, tmp_path):
     ddp = torch.load(tmp_path / "ddp.pt")
     for name, p in single.state_dict().items():
         assert torch.allclose(p, ddp[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_solver_fast_path_equals_the_model(synthetic):
+    """The solver folds the padded tail of block contexts; its SAFFU outputs equal the model's."""
+    dm = synthetic()
+    for block_agg in ("sum", "cat"):
+        net = build(dm, block_aggregation=block_agg)
+        solver = ExplicitSolver(batch_size=256, progress=False)
+        solver.solve(net, dm.datasets["train"])  # non-trivial W, U
+        rows = torch.arange(len(dm.datasets["dev"]))
+        gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}
+        with torch.no_grad():
+            for inputs, _ in solver._batches(dm.datasets["dev"], rows, "check"):
+                assert torch.allclose(solver._decoder_inputs(net, inputs, gram), net.decoder_inputs(inputs), atol=1e-5)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from conftest import TINY, read_metrics, run_train
+from conftest import TINY, TINY_DATA, TINY_SAFFU, read_metrics, run_train
 from saffu_lab.wandb_offline import history, tables
 
 LEARNABLE = [o for o in TINY if not o.startswith(("data.corpus.train_words", "trainer.max_epochs"))] + [
@@ -79,11 +79,45 @@ def test_ddp_with_two_cpu_processes(tmp_path, cache_dir):
     (["data=text_dir", "data.path=/nonexistent/corpus"], "error: corpus folder '/nonexistent/corpus' does not exist"),
     (["data=text_dir"], "data.path"),
     (["hydra.run.dir=/dev/null/run"], "error: run directory '/dev/null/run' cannot be written"),
+    (["model=gpt", "regime=warm"], "error: regime=warm solves SAFFU models explicitly, but model is GPT; use regime=cold"),
+    (["model=saffu_cat_r8", "model.block_size=16", "model.radius=32"], "error: model.radius=32 must be <= model.block_size=16 (r > b)"),
+    (["model=saffu_cat_r8", "solver.tuning_iterations=-1"], "error: solver.tuning_iterations=-1 must be >= 0"),
 ])
 def test_bad_input_is_one_clear_line_before_training(overrides, message, tmp_path, cache_dir):
     base = [o for o in TINY if not o.startswith("data.corpus.")] if "data=text_dir" in overrides else TINY
+    if any(o.startswith(("regime=", "model=")) for o in overrides):  # these replace the GPT baseline's choices
+        base = [o for o in TINY_DATA if o.startswith("data.corpus.")] + [o for o in overrides if o.startswith(("regime=", "model="))]
+        overrides = [o for o in overrides if not o.startswith(("regime=", "model="))]
     proc = run_train(base + overrides, tmp_path / "run", cache_dir, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert "Epoch 0" not in proc.stdout + proc.stderr  # nothing was trained
+
+
+@pytest.fixture(scope="module")
+def saffu_runs(tmp_path_factory, cache_dir):
+    """regime=explicit, and regime=warm vs regime=cold at the same short budget (2 epochs)."""
+    root = tmp_path_factory.mktemp("saffu")
+    data = [o for o in TINY_SAFFU if not o.startswith("data.corpus.train_words")] + ["data.corpus.train_words=12000"]
+    run_train(data + ["regime=explicit"], root / "explicit", cache_dir)
+    run_train(data + ["regime=warm", "trainer.max_epochs=2", "logger=csv"], root / "warm", cache_dir)
+    run_train(data + ["regime=cold", "trainer.max_epochs=2", "logger=csv"], root / "cold", cache_dir)
+    return {name: read_metrics(root / name) for name in ("explicit", "warm", "cold")}
+
+
+def test_explicit_regime_solves_and_evaluates_without_backprop(saffu_runs):
+    m = saffu_runs["explicit"]
+    assert m["global_step"] == 0 and m["tokens_seen"] == 0  # no backprop step
+    assert m["explicit/passes"] == 6 and m["explicit/targets"] == m["data/train_tokens"]
+    assert m["val/ppl"] == pytest.approx(m["explicit/val_ppl"], rel=1e-4)
+    assert m["test/ppl"] < 0.4 * m["unigram/test_ppl"], m  # beats a unigram model on held-out text
+    for key in ("explicit/wall_s", "explicit/start-up_s", "explicit/nonpositive_M"):
+        assert key in m
+
+
+def test_warm_start_ends_below_cold_start(saffu_runs):
+    warm, cold = saffu_runs["warm"], saffu_runs["cold"]
+    assert warm["global_step"] == cold["global_step"] > 0  # the same budget
+    assert warm["test/ppl"] < cold["test/ppl"], (warm["test/ppl"], cold["test/ppl"])
+    assert warm["test/ppl"] <= warm["explicit/val_ppl"] * 1.05  # backprop did not undo the solve

@@ -98,7 +98,7 @@ class ExplicitSolver:
         all_reduce: sums across processes; default: ``torch.distributed`` when initialised.
     """
 
-    def __init__(self, fold_tokens: int = 1_000_000, tuning_iterations: int = 1, batch_size: int = 4096,
+    def __init__(self, fold_tokens: int = 1_000_000, tuning_iterations: int = 1, batch_size: int = 1024,
                  smoothing: float = 1e-3, priming: str = "paper", progress: bool = True,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if fold_tokens < 1:
@@ -135,6 +135,7 @@ class ExplicitSolver:
         was_training = net.training
         net.eval()
         with torch.no_grad():
+            self._gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}  # G = E E^T
             for stage, fold in schedule:
                 rows = fold[rank::world_size]
                 self._count = float(self.all_reduce(torch.tensor(float(rows.numel()), dtype=torch.float64)))
@@ -211,10 +212,6 @@ class ExplicitSolver:
         head_b, head_r = net.heads(inputs["position"])
         return ((net.block, inputs["block"], head_b, L), (net.radial, inputs["radial"], head_r, None))
 
-    @staticmethod
-    def _grams(net) -> dict:
-        return {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}  # G = E E^T
-
     # --- eq. 6: attention layers ---------------------------------------------------------
     def solve_attention(self, net, data, rows, startup: bool, report: SolveReport, stage: str):
         units = {"block": (net.block, "block"), "radial": (net.radial, "radial")}
@@ -226,25 +223,33 @@ class ExplicitSolver:
             p.index_add_(0, data.framed.targets[rows], torch.ones(rows.numel(), dtype=torch.float64))
             p = self.all_reduce(p)
             p /= p.sum()
-            log_e = {k: torch.log(u.embedding.weight.double()) for k, (u, _) in units.items()}
-            log_e_bar = {k: (p[:, None] * log_e[k]).sum(0) for k in units}  # (log E)^T p
-        gram = self._grams(net)
+            # V-hat[m,k] = (log E[i_m] - (log E)^T p + c) . E[x_mk] = A[i_m, x_mk] - b[x_mk] + c |E[x_mk]|_1,
+            # with A = (log E) E^T and b = E (log E)^T p: gathers instead of [B, K, D] features
+            v_hat_A, v_hat_b, e_norm = {}, {}, {}
+            for k, (u, _) in units.items():
+                E = u.embedding.weight.double()
+                log_e_bar = p @ torch.log(E)  # (log E)^T p
+                v_hat_A[k] = (torch.log(E) @ E.T).float()
+                v_hat_b[k] = (E @ log_e_bar).float()
+                e_norm[k] = E.sum(1).float()
+        gram = self._gram
         for inputs, targets in self._batches(data, rows, f"{stage}: attention"):
             L = int(inputs["position"].max())
             for (key, _), (unit, ctx, head, cols) in zip(units.items(), self._units(net, inputs, L)):
                 K = unit.n_features
                 c = 2 * (1 + 1 / K) * math.log(n_out)
-                Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
                 if startup:
-                    lead = (log_e[key][targets] - log_e_bar[key]).float()  # log E[i_m] - (log E)^T p
+                    Q = gram[id(unit)][ctx[torch.arange(ctx.shape[0]), head][:, None], ctx]
+                    V = v_hat_A[key][targets[:, None], ctx] - v_hat_b[key][ctx] + c * e_norm[key][ctx]
                 else:
+                    Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
                     lead = self._variational_lead(unit, Q, X, e_tail, net.hidden_targets[targets])
-                if startup or unit.aggregation == "sum":
-                    V = self._dot_features(lead, X, e_tail, K, c)
-                else:  # cat tuning: lead is already (X_k U_k) . (y~ - y_hat)
-                    V = lead + c * X.sum(-1)
+                    if unit.aggregation == "sum":
+                        V = self._dot_features(lead, X, e_tail, K, c)
+                    else:  # cat: lead is already (X_k U_k) . (y~ - y_hat)
+                        V = lead + c * X.sum(-1)
                 F[key] += Q.double().T @ V.double()  # eq. 2: F(Q, V) = Q^T V
-                q_norm[key] += Q.double().sum()
+                q_norm[key] += float(Q.sum())
         for key, (unit, _) in units.items():
             total = self.all_reduce(F[key])
             norm = self.all_reduce(q_norm[key])
@@ -272,6 +277,7 @@ class ExplicitSolver:
     # --- eq. 5: SAFFU decoders (and the document model) --------------------------------
     def solve_decoders(self, net, data, rows, report: SolveReport, stage: str):
         N = net.vocab_size
+        # float64 sums: the solution must not depend on how the data is split across processes
         S = {"block": torch.zeros(N, net.block.hidden_dim, dtype=torch.float64),
              "radial": torch.zeros(N, net.radial.hidden_dim, dtype=torch.float64)}
         h_norm = {k: torch.zeros((), dtype=torch.float64) for k in S}
@@ -279,27 +285,27 @@ class ExplicitSolver:
         if doc is not None:
             S_doc = torch.zeros(net.n_document_classes, doc.D.shape[0], dtype=torch.float64)
             n_docs = int(data.framed.first_block.numel())
-        gram = self._grams(net)
+        gram = self._gram
         for inputs, targets in self._batches(data, rows, f"{stage}: decoders"):
             L = int(inputs["position"].max())
             for key, (unit, ctx, head, cols) in zip(("block", "radial"), self._units(net, inputs, L)):
                 Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
                 H = self._hidden(unit, unit.attention(Q), X, e_tail)
                 S[key].index_add_(0, targets, H.double())  # sum of H per target token
-                h_norm[key] += H.double().sum()
+                h_norm[key] += float(H.sum())
             if doc is not None:
                 x = doc.features(inputs["prefix"], inputs["prefix_len"])
                 classes = inputs["document"] * net.n_document_classes // n_docs
                 S_doc.index_add_(0, classes, x.double())
         count = self._count
         for key, unit in (("block", net.block), ("radial", net.radial)):
-            F = self.all_reduce(S[key]).T @ net.hidden_targets.double()  # F(H, Y~) = H^T Y~
+            F = self.all_reduce(S[key]).double().T @ net.hidden_targets.double()  # F(H, Y~) = H^T Y~
             K_U = self._priming("U", unit, self.all_reduce(h_norm[key]), count)
             U, bad = explicit_solution(F, K_U, self.smoothing)
             self._set(unit.U, U, f"{key}_U", report, bad)
             report.priming[f"{key}_U"] = K_U
         if doc is not None:
-            D, bad = explicit_solution(self.all_reduce(S_doc).T, 1.0, self.smoothing)
+            D, bad = explicit_solution(self.all_reduce(S_doc).double().T, 1.0, self.smoothing)
             self._set(doc.D, D, "document_D", report, bad)
         report.passes += 1
 
@@ -307,14 +313,14 @@ class ExplicitSolver:
     def solve_final(self, net, data, rows, report: SolveReport, stage: str):
         S = torch.zeros(net.vocab_size, net.M.shape[0], dtype=torch.float64)
         norm = torch.zeros((), dtype=torch.float64)
-        gram = self._grams(net)
+        gram = self._gram
         for inputs, targets in self._batches(data, rows, f"{stage}: final layer"):
             hidden = self._decoder_inputs(net, inputs, gram)
             S.index_add_(0, targets, hidden.double())  # F(hidden, Y) with one-hot Y, by scatter
-            norm += hidden.double().sum()
+            norm += float(hidden.sum())
         parts = 3 if net.document is not None else 2
         K_M = self._priming("M", None, self.all_reduce(norm), self._count, parts=parts)
-        M, bad = explicit_solution(self.all_reduce(S).T, K_M, self.smoothing)
+        M, bad = explicit_solution(self.all_reduce(S).double().T, K_M, self.smoothing)
         self._set(net.M, M, "M", report, bad)
         report.priming["M"] = K_M
         report.passes += 1

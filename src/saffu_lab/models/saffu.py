@@ -57,8 +57,9 @@ class SAFFU(nn.Module):
 
     def aggregate(self, a: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
         """H: the attention-weighted features, summed [B, D] or concatenated [B, K D]."""
-        weighted = a.unsqueeze(-1) * X
-        return weighted.sum(1) if self.aggregation == "sum" else weighted.flatten(1)
+        if self.aggregation == "sum":
+            return torch.bmm(a.unsqueeze(1), X).squeeze(1)  # sum_k a_k X_k, without a [B, K, D] temporary
+        return (a.unsqueeze(-1) * X).flatten(1)
 
     def hidden(self, ctx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         X = self.embedding(ctx)
