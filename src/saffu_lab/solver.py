@@ -17,7 +17,8 @@ with F(A, B) = A^T B (eq. 2) and the SAFFU's internal targets (section 2.3.2 / 2
 
 Procedure (section 4): start-up on the first fold (W from V-hat, then U, then M), then one
 tuning pass per further fold (V from the current U and W; then W, U, M again), or
-``tuning_iterations`` passes over the data when it is a single fold.
+``tuning_iterations`` passes over the data when it is a single fold. V reads only W and U,
+so an M solved before the last stage would never be used: M is solved once, at the end.
 
 Everything streams: each pass walks its fold in batches and accumulates sums (Q^T V; and
 ``index_add_`` of H and of the decoder inputs by target id, turned into F by one product at
@@ -81,6 +82,7 @@ class SolveReport:
                "explicit/solve_s": sum(self.seconds.values())}
         out.update({f"explicit/{k}_s": v for k, v in self.seconds.items()})
         out.update({f"explicit/nonpositive_{k}": v for k, v in self.nonpositive.items()})
+        out.update({f"explicit/priming_{k}": v for k, v in self.priming.items()})
         return out
 
 
@@ -136,13 +138,14 @@ class ExplicitSolver:
         net.eval()
         with torch.no_grad():
             self._gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}  # G = E E^T
-            for stage, fold in schedule:
+            for i, (stage, fold) in enumerate(schedule):
                 rows = fold[rank::world_size]
                 self._count = float(self.all_reduce(torch.tensor(float(rows.numel()), dtype=torch.float64)))
                 start = time.perf_counter()
                 self.solve_attention(net, data, rows, startup=stage == "start-up", report=report, stage=stage)
                 self.solve_decoders(net, data, rows, report, stage)
-                self.solve_final(net, data, rows, report, stage)
+                if i == len(schedule) - 1:  # nothing in a later stage reads M, so it is solved once, last
+                    self.solve_final(net, data, rows, report, stage)
                 report.seconds[stage.replace(" ", "_")] = time.perf_counter() - start
         net.train(was_training)
         return report
