@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +115,7 @@ def test_explicit_regime_solves_and_evaluates_without_backprop(saffu_runs):
     assert m["test/ppl"] < 0.4 * m["unigram/test_ppl"], m  # beats a unigram model on held-out text
     for key in ("explicit/wall_s", "explicit/start-up_s", "explicit/nonpositive_M"):
         assert key in m
+    assert Path(m["explicit/checkpoint"]).exists()  # the solved model is kept
 
 
 def test_warm_start_ends_below_cold_start(saffu_runs):

@@ -115,8 +115,8 @@ class ExplicitSolveCallback(pl.Callback):
     """At fit start, solve the SAFFU model explicitly (``saffu_lab.solver``), then let backprop go on.
 
     Logs ``explicit/val_ppl`` (the solved model on the dev split), the solve's wall-clock and
-    the count of non-positive co-occurrences per matrix. A run resumed from a checkpoint is
-    not solved again.
+    the count of non-positive co-occurrences per matrix, and saves the solved model as
+    ``checkpoints/explicit.ckpt``. A run resumed from a checkpoint is not solved again.
     """
 
     def __init__(self, solver):
@@ -141,9 +141,13 @@ class ExplicitSolveCallback(pl.Callback):
         self.metrics["explicit/val_ppl"] = evaluate_perplexity(pl_module, trainer.datamodule.val_dataloader())
         rank_zero_info(f"explicit solve: {self.metrics['explicit/wall_s']:.1f} s over {report.targets} targets "
                        f"in {report.folds} fold(s); dev perplexity {self.metrics['explicit/val_ppl']:.3f}")
+        # keep the solved model: regime=explicit trains nothing, so no other checkpoint holds it
+        folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+        trainer.save_checkpoint(folder / "explicit.ckpt")
+        self.metrics["explicit/checkpoint"] = str(folder / "explicit.ckpt")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(self.metrics, step=trainer.global_step)
+                logger.log_metrics({k: v for k, v in self.metrics.items() if not isinstance(v, str)}, step=trainer.global_step)
 
 
 @torch.no_grad()

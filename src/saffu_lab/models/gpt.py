@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saffu_lab.models.ffn import DenseFFN
+from saffu_lab.models.sampling import sample
 
 
 class CausalSelfAttention(nn.Module):
@@ -102,25 +103,6 @@ class GPT(nn.Module):
             h = block(h)
         return self.head(self.ln_out(h))
 
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_id: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 banned_ids: tuple[int, ...] = ()) -> torch.Tensor:
-        """Sample continuations of ``prompt [B, T]``; a row that emits ``stop_id`` keeps emitting it."""
-        idx = prompt
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.context_length:])[:, -1, :] / max(temperature, 1e-6)
-            if banned_ids:
-                logits[:, list(banned_ids)] = -float("inf")
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
-            if stop_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
-                done |= nxt == stop_id
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-            if stop_id is not None and bool(done.all()):
-                break
-        return idx
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Sample continuations of ``prompt [B, T]`` (see ``saffu_lab.models.sampling.sample``)."""
+        return sample(lambda idx: self(idx[:, -self.context_length:])[:, -1, :], prompt, max_new_tokens, **sampling)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saffu_lab.models.bitcipher import BitCipherEmbedding, codes_by_frequency
+from saffu_lab.models.sampling import sample
 
 AGGREGATIONS = ("sum", "cat")
 
@@ -188,25 +189,6 @@ class SAFFUTransformer(nn.Module):
             inputs.update(prefix=prefix, prefix_len=torch.full((B,), t, dtype=torch.long, device=dev))
         return inputs
 
-    @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_id: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-                 banned_ids: tuple[int, ...] = ()) -> torch.Tensor:
-        """Sample documents; ``prompt [B, 1]`` is the ``<sod>`` column. Returns ``[B, 1 + n]``."""
-        generated = prompt[:, 1:]
-        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-        for _ in range(max_new_tokens):
-            logits = self(self.frame_next(generated)) / max(temperature, 1e-6)
-            if banned_ids:
-                logits[:, list(banned_ids)] = -float("inf")
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-            if stop_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_id), nxt)
-                done |= nxt == stop_id
-            generated = torch.cat([generated, nxt[:, None]], 1)
-            if stop_id is not None and bool(done.all()):
-                break
-        return torch.cat([prompt[:, :1], generated], 1)
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Sample documents; ``prompt [B, 1]`` is the ``<sod>`` column (see ``sampling.sample``)."""
+        return sample(lambda idx: self(self.frame_next(idx[:, 1:])), prompt, max_new_tokens, **sampling)
