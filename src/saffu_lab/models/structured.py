@@ -1,0 +1,153 @@
+"""Structured linear layers (seed paper 2406.16450): drop-in replacements for ``nn.Linear``.
+
+Each maps ``in_features -> out_features`` (plus an optional bias) with fewer parameters:
+
+- ``LowRank``:      y = U (V x),                       V: in -> R, U: R -> out.
+                    params R (in + out); initialised from a truncated SVD of a dense init.
+- ``BlockDense``:   y = D (B x),   B = diag(B_1..B_n)  each B_i: in/n -> R/n, D: R -> out dense.
+                    params R in / n + R out; n = 1 is LowRank. Orthogonal init.
+- ``BlockShuffle``: y = B2 P (B1 x)                    B1 = diag(n blocks in/n -> mid/n),
+                    P the shuffle (view the mid vector as (n, mid/n), transpose, flatten) so
+                    every output block sees every input block, B2 = diag(n blocks mid/n -> out/n).
+                    params mid (in + out) / n. Orthogonal init.
+
+``merged_weight()`` multiplies the factors into the equivalent dense [out, in] matrix (what
+pre-merge uses); ``flops(tokens)`` counts multiply-adds x 2 of one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+STRUCTURES = ("lowrank", "blockdense", "blockshuffle")
+
+
+class _Structured(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The dense [out, in] matrix W with layer(x) = x W^T (+ bias)."""
+        eye = torch.eye(self.in_features, device=next(self.parameters()).device)
+        y = self.forward(eye)
+        return (y if self.bias is None else y - self.bias).T.contiguous()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _block_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal map: ``x [..., n * a]`` with ``weight [n, a, b]`` -> ``[..., n * b]``."""
+    n, a, _ = weight.shape
+    xb = x.reshape(*x.shape[:-1], n, a)
+    return torch.einsum("...na,nab->...nb", xb, weight).flatten(-2)
+
+
+def _orthogonal_blocks(n: int, a: int, b: int) -> torch.Tensor:
+    w = torch.empty(n, a, b)
+    for i in range(n):
+        nn.init.orthogonal_(w[i])
+    return w
+
+
+def _check_divisible(name: str, value: int, n: int, what: str):
+    if value % n:
+        raise ValueError(f"{what}={value} must be divisible by ffn.nblocks={n} for {name}")
+
+
+class LowRank(_Structured):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"ffn.rank={rank} must be in [1, {min(in_features, out_features)}] for LowRank {in_features}->{out_features}")
+        self.rank = rank
+        dense = torch.empty(out_features, in_features)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Linear's initialisation
+        u, s, vh = torch.linalg.svd(dense, full_matrices=False)  # truncated SVD of it
+        root = s[:rank].sqrt()
+        self.V = nn.Parameter((root[:, None] * vh[:rank]).T.contiguous())  # [in, R]
+        self.U = nn.Parameter((u[:, :rank] * root[None, :]).T.contiguous())  # [R, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias((x @ self.V) @ self.U)
+
+    def flops(self, tokens: int) -> int:
+        return 2 * tokens * self.rank * (self.in_features + self.out_features)
+
+
+class BlockDense(_Structured):
+    def __init__(self, in_features: int, out_features: int, rank: int, nblocks: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        _check_divisible("BlockDense", in_features, nblocks, "in_features")
+        _check_divisible("BlockDense", rank, nblocks, "ffn.rank")
+        if not 1 <= rank <= out_features:
+            raise ValueError(f"ffn.rank={rank} must be in [1, {out_features}] for BlockDense")
+        self.rank, self.nblocks = rank, nblocks
+        self.blocks = nn.Parameter(_orthogonal_blocks(nblocks, in_features // nblocks, rank // nblocks))
+        dense = torch.empty(rank, out_features)
+        nn.init.orthogonal_(dense)
+        self.dense = nn.Parameter(dense)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(_block_forward(x, self.blocks) @ self.dense)
+
+    def flops(self, tokens: int) -> int:
+        return 2 * tokens * (self.rank * self.in_features // self.nblocks + self.rank * self.out_features)
+
+
+class BlockShuffle(_Structured):
+    def __init__(self, in_features: int, out_features: int, mid_features: int, nblocks: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        for what, value in (("in_features", in_features), ("out_features", out_features), ("mid_features", mid_features)):
+            _check_divisible("BlockShuffle", value, nblocks, what)
+        if mid_features < nblocks:
+            raise ValueError(f"BlockShuffle mid width {mid_features} must be >= ffn.nblocks={nblocks} (raise ffn.param_ratio or ffn.rank)")
+        self.mid_features, self.nblocks = mid_features, nblocks
+        self.first = nn.Parameter(_orthogonal_blocks(nblocks, in_features // nblocks, mid_features // nblocks))
+        self.second = nn.Parameter(_orthogonal_blocks(nblocks, mid_features // nblocks, out_features // nblocks))
+
+    def shuffle(self, h: torch.Tensor) -> torch.Tensor:
+        """View [..., mid] as (n, mid/n), transpose to (mid/n, n), flatten: block i's j-th unit
+        goes to block j mod n, so each block of the second map sees all blocks of the first."""
+        n = self.nblocks
+        return h.reshape(*h.shape[:-1], n, -1).transpose(-1, -2).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_bias(_block_forward(self.shuffle(_block_forward(x, self.first)), self.second))
+
+    def flops(self, tokens: int) -> int:
+        return 2 * tokens * self.mid_features * (self.in_features + self.out_features) // self.nblocks
+
+
+def structured_linear(structure: str, in_features: int, out_features: int, rank: int | None = None,
+                      nblocks: int | None = None, param_ratio: float | None = None, bias: bool = True) -> nn.Module:
+    """Build a structured layer; with ``param_ratio`` the rank (or mid width) is derived so that
+    the layer has at most that fraction of the dense layer's ``in * out`` weights."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"ffn.structure={structure!r} is not one of {STRUCTURES}")
+    n = nblocks or (1 if structure == "lowrank" else 4 if structure == "blockdense" else 2)
+    if (rank is None) == (param_ratio is None):
+        raise ValueError("give exactly one of ffn.rank and ffn.param_ratio")
+    if param_ratio is not None and not 0 < param_ratio <= 1:
+        raise ValueError(f"ffn.param_ratio={param_ratio} must be in (0, 1]")
+    dense = in_features * out_features
+    if structure == "lowrank":
+        r = rank or int(param_ratio * dense / (in_features + out_features))
+        return LowRank(in_features, out_features, r, bias)
+    if structure == "blockdense":
+        r = rank or int(param_ratio * dense / (in_features / n + out_features)) // n * n
+        return BlockDense(in_features, out_features, r, n, bias)
+    mid = rank or int(param_ratio * dense * n / (in_features + out_features)) // n * n
+    return BlockShuffle(in_features, out_features, mid, n, bias)

@@ -1,0 +1,100 @@
+"""Structured linear layers: parameter counts, equivalence to their merged dense matrix,
+BlockDense with one block = LowRank, the shuffle is a permutation, and the FFN configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saffu_lab.models.ffn import StructuredFFN
+from saffu_lab.models.gpt import GPT
+from saffu_lab.models.structured import BlockDense, BlockShuffle, LowRank, structured_linear
+
+
+def test_parameter_counts_match_the_formulas():
+    i, o, r, n = 64, 96, 16, 4
+    assert LowRank(i, o, r).num_parameters() == r * (i + o) + o
+    assert BlockDense(i, o, r, n).num_parameters() == r * i // n + r * o + o
+    assert BlockShuffle(i, o, 32, n).num_parameters() == 32 * (i + o) // n + o
+    assert LowRank(i, o, r, bias=False).num_parameters() == r * (i + o)
+
+
+@pytest.mark.parametrize("layer", [LowRank(24, 40, 8), BlockDense(24, 40, 8, 4), BlockShuffle(24, 40, 16, 4),
+                                   BlockShuffle(24, 40, 16, 2, bias=False)])
+def test_each_layer_equals_a_dense_layer_with_its_merged_matrix(layer):
+    x = torch.randn(5, 7, 24)
+    W = layer.merged_weight()
+    dense = torch.nn.functional.linear(x, W, layer.bias)
+    assert W.shape == (40, 24)
+    assert torch.allclose(layer(x), dense, atol=1e-5)
+    rank = torch.linalg.matrix_rank(W)
+    if isinstance(layer, (LowRank, BlockDense)):
+        assert rank <= layer.rank
+
+
+def test_blockdense_with_one_block_is_lowrank():
+    bd = BlockDense(16, 24, 6, 1)
+    lr = LowRank(16, 24, 6)
+    with torch.no_grad():
+        lr.V.copy_(bd.blocks[0])
+        lr.U.copy_(bd.dense)
+        lr.bias.copy_(bd.bias)
+    x = torch.randn(9, 16)
+    assert torch.allclose(bd(x), lr(x), atol=1e-6)
+
+
+def test_shuffle_is_a_true_permutation_that_mixes_blocks():
+    layer = BlockShuffle(9, 6, 12, 3)
+    h = torch.arange(12.0)
+    out = layer.shuffle(h)
+    assert sorted(out.tolist()) == h.tolist()  # a permutation
+    # every block of the output holds one unit from every input block
+    src_block = (out // 4).long().view(3, 4)
+    for block in src_block:
+        assert set(block.tolist()) == {0, 1, 2}
+
+
+def test_lowrank_init_is_the_truncated_svd_of_a_dense_init():
+    torch.manual_seed(0)
+    full = LowRank(20, 20, 20).merged_weight()
+    torch.manual_seed(0)
+    half = LowRank(20, 20, 10).merged_weight()
+    s_full = torch.linalg.svdvals(full)
+    assert torch.allclose(torch.linalg.svdvals(half)[:10], s_full[:10], atol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "blockdense", "blockshuffle"])
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_param_ratio_gives_at_most_that_fraction(structure, ratio):
+    layer = structured_linear(structure, 128, 512, param_ratio=ratio, bias=False)
+    fraction = layer.num_parameters() / (128 * 512)
+    assert ratio * 0.8 < fraction <= ratio
+
+
+def test_bad_structure_settings_are_rejected():
+    with pytest.raises(ValueError, match="exactly one"):
+        structured_linear("lowrank", 8, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        BlockDense(10, 8, 4, 4)
+    with pytest.raises(ValueError, match="param_ratio"):
+        structured_linear("lowrank", 8, 8, param_ratio=1.5)
+    with pytest.raises(ValueError, match="not one of"):
+        structured_linear("sparse", 8, 8, rank=2)
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "blockdense", "blockshuffle"])
+def test_gpt_with_structured_ffn_has_fewer_parameters_and_learns(structure):
+    torch.manual_seed(0)
+    dense = GPT(vocab_size=20, context_length=16, n_layer=1, n_head=2, d_model=32, dropout=0.0)
+    net = GPT(vocab_size=20, context_length=16, n_layer=1, n_head=2, d_model=32, dropout=0.0,
+              ffn=lambda d: StructuredFFN(d, structure, param_ratio=0.25))
+    ffn_params = lambda m: sum(p.numel() for p in m.blocks[0].ffn.parameters())  # noqa: E731
+    assert ffn_params(net) < 0.35 * ffn_params(dense)
+    seq = torch.arange(17) % 20
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(net(seq[None, :-1])[0], seq[1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
