@@ -93,3 +93,20 @@ def test_gpt_with_structured_ffn_has_fewer_parameters_and_learns(structure):
     ffn_params = lambda m: sum(p.numel() for p in m.blocks[0].ffn.parameters())  # noqa: E731
     assert ffn_params(net) < 0.35 * ffn_params(dense)
     assert fit_counting_sequence(net) < 0.1
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "blockdense", "blockshuffle"])
+def test_premerge_below_the_batch_threshold_equals_the_structured_path(structure):
+    layer = structured_linear(structure, 32, 64, param_ratio=0.5, premerge_below=8).eval()
+    small, large = torch.randn(2, 5, 32), torch.randn(64, 5, 32)
+    merged = torch.nn.functional.linear(small, layer.merged_weight(), layer.bias)
+    assert torch.equal(layer(small), merged)  # batch 2 < 8: the pre-merged dense matrix
+    assert torch.allclose(layer(small), layer.structured(small) + layer.bias, atol=1e-5)
+    assert torch.equal(layer(large), layer.structured(large) + layer.bias)  # batch 64: structured
+    layer.train()
+    assert torch.equal(layer(small), layer.structured(small) + layer.bias)  # never while training
+    # the cache follows the weights: an in-place update is seen at the next call
+    layer.eval()
+    with torch.no_grad():
+        next(layer.parameters()).mul_(2.0)
+    assert torch.allclose(layer(small), layer.structured(small) + layer.bias, atol=1e-5)

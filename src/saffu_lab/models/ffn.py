@@ -35,16 +35,18 @@ class StructuredFFN(nn.Module):
     ``first_layer`` structures the up-projection too (the official default); otherwise only
     the down-projection is structured. ``rank`` / ``nblocks`` fix the structure, or
     ``param_ratio`` derives the rank from a target fraction of the dense layer's weights.
+    In eval mode, batches of fewer than ``premerge_below`` rows use the pre-merged dense
+    matrices (decoding at small batch sizes).
     """
 
     def __init__(self, d_model: int, structure: str, expansion: int = 4, rank: int | None = None,
                  nblocks: int | None = None, param_ratio: float | None = None, first_layer: bool = True,
-                 dropout: float = 0.0, bias: bool = True):
+                 dropout: float = 0.0, bias: bool = True, premerge_below: int | None = 16):
         super().__init__()
         from saffu_lab.models.structured import structured_linear
 
         hidden = expansion * d_model
-        make = lambda i, o: structured_linear(structure, i, o, rank, nblocks, param_ratio, bias)  # noqa: E731
+        make = lambda i, o: structured_linear(structure, i, o, rank, nblocks, param_ratio, bias, premerge_below)  # noqa: E731
         self.up = make(d_model, hidden) if first_layer else nn.Linear(d_model, hidden, bias=bias)
         self.down = make(hidden, d_model)
         self.act = nn.GELU()

@@ -11,8 +11,13 @@ Each maps ``in_features -> out_features`` (plus an optional bias) with fewer par
                     every output block sees every input block, B2 = diag(n blocks mid/n -> out/n).
                     params mid (in + out) / n. Orthogonal init.
 
-``merged_weight()`` multiplies the factors into the equivalent dense [out, in] matrix (what
-pre-merge uses); ``flops(tokens)`` counts multiply-adds x 2 of one forward pass.
+``merged_weight()`` multiplies the factors into the equivalent dense [out, in] matrix;
+``flops(tokens)`` counts multiply-adds x 2 of one forward pass.
+
+Pre-merge (paper, section 2.2): at small batch sizes the extra matmuls of a structured map
+are latency-bound, so in eval mode a batch of fewer than ``premerge_below`` rows (the first
+dimension of the input) goes through the merged dense matrix instead; it is rebuilt
+whenever the factors change. ``premerge_below=None`` turns this off.
 """
 
 from __future__ import annotations
@@ -26,23 +31,37 @@ STRUCTURES = ("lowrank", "blockdense", "blockshuffle")
 
 
 class _Structured(nn.Module):
+    premerge_below: int | None = None
+
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self._merged, self._merged_version = None, None
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         if bias:
             bound = 1 / math.sqrt(in_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+    def structured(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.premerge_below is not None and not self.training and x.shape[0] < self.premerge_below:
+            return nn.functional.linear(x, self.premerged_weight(), self.bias)
+        y = self.structured(x)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The dense [out, in] matrix W with layer(x) = x W^T (+ bias)."""
-        eye = torch.eye(self.in_features, device=next(self.parameters()).device)
-        y = self.forward(eye)
-        return (y if self.bias is None else y - self.bias).T.contiguous()
+        return self.structured(torch.eye(self.in_features, device=next(self.parameters()).device)).T.contiguous()
+
+    def premerged_weight(self) -> torch.Tensor:
+        """``merged_weight()``, cached until a factor changes (in-place updates bump ``_version``)."""
+        version = tuple(p._version for p in self.parameters())
+        if self._merged is None or version != self._merged_version:
+            self._merged, self._merged_version = self.merged_weight(), version
+        return self._merged
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -80,8 +99,8 @@ class LowRank(_Structured):
         self.V = nn.Parameter((root[:, None] * vh[:rank]).T.contiguous())  # [in, R]
         self.U = nn.Parameter((u[:, :rank] * root[None, :]).T.contiguous())  # [R, out]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias((x @ self.V) @ self.U)
+    def structured(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.V) @ self.U
 
     def flops(self, tokens: int) -> int:
         return 2 * tokens * self.rank * (self.in_features + self.out_features)
@@ -100,8 +119,8 @@ class BlockDense(_Structured):
         nn.init.orthogonal_(dense)
         self.dense = nn.Parameter(dense)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(_block_forward(x, self.blocks) @ self.dense)
+    def structured(self, x: torch.Tensor) -> torch.Tensor:
+        return _block_forward(x, self.blocks) @ self.dense
 
     def flops(self, tokens: int) -> int:
         return 2 * tokens * (self.rank * self.in_features // self.nblocks + self.rank * self.out_features)
@@ -124,17 +143,26 @@ class BlockShuffle(_Structured):
         n = self.nblocks
         return h.reshape(*h.shape[:-1], n, -1).transpose(-1, -2).flatten(-2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_bias(_block_forward(self.shuffle(_block_forward(x, self.first)), self.second))
+    def structured(self, x: torch.Tensor) -> torch.Tensor:
+        return _block_forward(self.shuffle(_block_forward(x, self.first)), self.second)
 
     def flops(self, tokens: int) -> int:
         return 2 * tokens * self.mid_features * (self.in_features + self.out_features) // self.nblocks
 
 
 def structured_linear(structure: str, in_features: int, out_features: int, rank: int | None = None,
-                      nblocks: int | None = None, param_ratio: float | None = None, bias: bool = True) -> nn.Module:
+                      nblocks: int | None = None, param_ratio: float | None = None, bias: bool = True,
+                      premerge_below: int | None = None) -> nn.Module:
     """Build a structured layer; with ``param_ratio`` the rank (or mid width) is derived so that
     the layer has at most that fraction of the dense layer's ``in * out`` weights."""
+    layer = _build(structure, in_features, out_features, rank, nblocks, param_ratio, bias)
+    if premerge_below is not None and premerge_below < 0:
+        raise ValueError(f"ffn.premerge_below={premerge_below} must be >= 0 (0 never pre-merges), or null")
+    layer.premerge_below = premerge_below
+    return layer
+
+
+def _build(structure, in_features, out_features, rank, nblocks, param_ratio, bias) -> _Structured:
     if structure not in STRUCTURES:
         raise ValueError(f"ffn.structure={structure!r} is not one of {STRUCTURES}")
     n = nblocks or (1 if structure == "lowrank" else 4 if structure == "blockdense" else 2)
