@@ -110,3 +110,39 @@ def test_premerge_below_the_batch_threshold_equals_the_structured_path(structure
     with torch.no_grad():
         next(layer.parameters()).mul_(2.0)
     assert torch.allclose(layer(small), layer.structured(small) + layer.bias, atol=1e-5)
+
+
+def test_self_guided_schedule_and_guides_leave_model_and_optimizer():
+    import math
+    import types
+
+    from saffu_lab.callbacks import SelfGuidedTraining
+
+    cb = SelfGuidedTraining(fraction=0.5)
+    assert cb.alpha(0, 100) == 1.0 and cb.alpha(50, 100) == 0.0 and cb.alpha(80, 100) == 0.0
+    assert cb.alpha(25, 100) == pytest.approx(0.5)  # cosine: half way down at a quarter of the steps
+    assert cb.alpha(10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 10 / 50)))
+    values = [cb.alpha(s, 100) for s in range(51)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone
+
+    torch.manual_seed(0)
+    net = GPT(vocab_size=20, context_length=8, n_layer=1, n_head=2, d_model=16,
+              ffn=lambda d: StructuredFFN(d, "lowrank", param_ratio=0.5))
+    plain_params = sum(p.numel() for p in net.parameters())
+    cb.setup(None, net, "fit")
+    guides = [p for layer in cb.layers for p in layer.guide.parameters()]
+    assert len(cb.layers) == 2 and sum(p.numel() for p in net.parameters()) > plain_params
+    x = torch.randint(0, 20, (2, 8))
+    layer = cb.layers[0]
+    h = torch.randn(3, 16)
+    assert torch.allclose(layer(h), layer.guide(h))  # alpha = 1: the dense guide alone
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(x).sum().backward()
+    opt.step()
+    trainer = types.SimpleNamespace(optimizers=[opt], global_step=50)
+    cb._drop_guides(trainer)
+    ids = {id(p) for p in guides}
+    assert all(layer.guide is None for layer in cb.layers)
+    assert sum(p.numel() for p in net.parameters()) == plain_params
+    assert not any(id(p) in ids for g in opt.param_groups for p in g["params"])
+    assert not any(id(p) in ids for p in opt.state)

@@ -123,3 +123,14 @@ def test_warm_start_ends_below_cold_start(saffu_runs):
     assert warm["global_step"] == cold["global_step"] > 0  # the same budget
     assert warm["test/ppl"] < cold["test/ppl"], (warm["test/ppl"], cold["test/ppl"])
     assert warm["test/ppl"] <= warm["explicit/val_ppl"] * 1.05  # backprop did not undo the solve
+
+
+def test_self_guided_run_drops_its_guides_half_way(tmp_path, cache_dir):
+    overrides = TINY + ["ffn=lowrank", "ffn.param_ratio=0.25", "logger=csv"]
+    run_train(overrides + ["regime=cold"], tmp_path / "plain", cache_dir)
+    guided_overrides = [o for o in overrides if o != "regime=cold"] + ["regime=self_guided"]
+    run_train(guided_overrides, tmp_path / "guided", cache_dir)
+    plain, guided = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "guided")
+    assert guided["self_guided/dropped_at_step"] == guided["global_step"] // 2
+    assert guided["params"] == plain["params"]  # the dense guides are gone from the final model
+    assert guided["self_guided/extra_flops"] > 0 and math.isfinite(guided["test/ppl"])

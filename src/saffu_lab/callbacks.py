@@ -167,3 +167,64 @@ def evaluate_perplexity(pl_module: pl.LightningModule, loader) -> float:
         count += int((y != IGNORE_INDEX).sum())
     pl_module.train(was_training)
     return math.exp(total / max(count, 1))
+
+
+class SelfGuidedTraining(pl.Callback):
+    """Self-guided training (seed paper 2406.16450, section 2.3) for structured linear maps.
+
+    Every structured map gets a dense guide, and computes o = a * dense(x) + (1 - a) * structured(x);
+    a falls from 1 to 0 on a cosine over the first ``fraction`` of the training steps (official
+    default 0.5). Then the guides leave the model and the optimiser. Logs ``self_guided/alpha``
+    and ``self_guided/extra_flops`` (the guides' forward FLOPs, x3 for forward + backward).
+    """
+
+    def __init__(self, fraction: float = 0.5):
+        if not 0 < fraction <= 1:
+            raise ConfigError(f"callbacks.self_guided.fraction={fraction} must be in (0, 1]")
+        self.fraction = fraction
+        self.layers: list = []
+        self.extra_flops = 0
+        self.metrics: dict = {}
+
+    def alpha(self, step: int, total_steps: int) -> float:
+        """Cosine from 1 (step 0) to 0 (step = fraction * total), 0 afterwards."""
+        end = max(1, round(self.fraction * total_steps))
+        return 0.5 * (1 + math.cos(math.pi * min(step, end) / end))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from saffu_lab.models.structured import _Structured
+
+        if stage != "fit" or self.layers:
+            return
+        self.layers = [m for m in pl_module.modules() if isinstance(m, _Structured)]
+        if not self.layers:
+            raise ConfigError("regime=self_guided needs structured FFN layers: add ffn=lowrank|blockdense|blockshuffle")
+        for layer in self.layers:
+            layer.attach_guide()  # before configure_optimizers, so the optimiser sees the guides
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if not self.layers or self.layers[0].guide is None:
+            return
+        a = self.alpha(trainer.global_step, trainer.estimated_stepping_batches)
+        if a <= 0.0:
+            self._drop_guides(trainer)
+            return
+        for layer in self.layers:
+            layer.alpha.fill_(a)
+        tokens = batch[1].numel()
+        self.extra_flops += 3 * sum(2 * tokens * l.in_features * l.out_features for l in self.layers)
+        pl_module.log("self_guided/alpha", a)
+        pl_module.log("self_guided/extra_flops", float(self.extra_flops))
+
+    def _drop_guides(self, trainer: pl.Trainer) -> None:
+        guide_params = {id(p) for layer in self.layers for p in layer.guide.parameters()}
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) in guide_params:
+                        optimizer.state.pop(p, None)
+                group["params"] = [p for p in group["params"] if id(p) not in guide_params]
+        for layer in self.layers:
+            layer.drop_guide()
+        self.metrics = {"self_guided/extra_flops": self.extra_flops, "self_guided/dropped_at_step": trainer.global_step}
+        rank_zero_info(f"self-guided training: dense guides dropped at step {trainer.global_step}")

@@ -41,11 +41,28 @@ class _Structured(nn.Module):
         if bias:
             bound = 1 / math.sqrt(in_features)
             nn.init.uniform_(self.bias, -bound, bound)
+        # self-guided training: o = alpha * guide(x) + (1 - alpha) * structured(x) while a guide is attached
+        self.guide: nn.Linear | None = None
+        self.register_buffer("alpha", torch.zeros(()), persistent=False)
+
+    def attach_guide(self) -> nn.Linear:
+        """Add a dense guide layer (nn.Linear's init) and set alpha = 1."""
+        self.guide = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.alpha.device)
+        self.alpha.fill_(1.0)
+        return self.guide
+
+    def drop_guide(self) -> None:
+        self.guide = None
+        self.alpha.fill_(0.0)
 
     def structured(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.guide is not None:
+            y = self.structured(x)
+            y = y if self.bias is None else y + self.bias
+            return self.alpha * self.guide(x) + (1 - self.alpha) * y
         if self.premerge_below is not None and not self.training and x.shape[0] < self.premerge_below:
             return nn.functional.linear(x, self.premerged_weight(), self.bias)
         y = self.structured(x)
