@@ -134,3 +134,12 @@ def test_self_guided_run_drops_its_guides_half_way(tmp_path, cache_dir):
     assert guided["self_guided/dropped_at_step"] == guided["global_step"] // 2
     assert guided["params"] == plain["params"]  # the dense guides are gone from the final model
     assert guided["self_guided/extra_flops"] > 0 and math.isfinite(guided["test/ppl"])
+
+
+def test_self_guided_flops_mode_ends_the_guided_phase_earlier(tmp_path, cache_dir):
+    overrides = [o for o in TINY if o != "regime=cold"] + ["ffn=lowrank", "ffn.param_ratio=0.25", "logger=none",
+                                                            "regime=self_guided", "callbacks.self_guided.mode=flops"]
+    run_train(overrides, tmp_path / "flops", cache_dir)
+    m = read_metrics(tmp_path / "flops")
+    # the guides cost FLOPs too, so half the structured-FFN FLOP budget is spent before half the steps
+    assert 0 < m["self_guided/dropped_at_step"] < m["global_step"] // 2

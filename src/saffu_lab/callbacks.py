@@ -173,23 +173,33 @@ class SelfGuidedTraining(pl.Callback):
     """Self-guided training (seed paper 2406.16450, section 2.3) for structured linear maps.
 
     Every structured map gets a dense guide, and computes o = a * dense(x) + (1 - a) * structured(x);
-    a falls from 1 to 0 on a cosine over the first ``fraction`` of the training steps (official
-    default 0.5). Then the guides leave the model and the optimiser. Logs ``self_guided/alpha``
-    and ``self_guided/extra_flops`` (the guides' forward FLOPs, x3 for forward + backward).
+    a falls from 1 to 0 on a cosine over the first ``fraction`` of training, then the guides
+    leave the model and the optimiser. ``mode="steps"`` (official default) measures progress in
+    training steps; ``mode="flops"`` in FFN FLOPs: the FLOPs spent so far, guides included,
+    over ``fraction`` of the FLOPs the structured FFNs alone would spend in the whole run (so
+    the guided phase ends earlier in steps, and the run's extra FLOPs stay within that budget).
+    Logs ``self_guided/alpha`` and ``self_guided/extra_flops`` (the guides' forward and
+    backward FLOPs: 3 x 2 x in x out per token).
     """
 
-    def __init__(self, fraction: float = 0.5):
+    def __init__(self, fraction: float = 0.5, mode: str = "steps"):
         if not 0 < fraction <= 1:
             raise ConfigError(f"callbacks.self_guided.fraction={fraction} must be in (0, 1]")
-        self.fraction = fraction
+        if mode not in ("steps", "flops"):
+            raise ConfigError(f"callbacks.self_guided.mode={mode!r} is not one of 'steps', 'flops'")
+        self.fraction, self.mode = fraction, mode
         self.layers: list = []
         self.extra_flops = 0
+        self.flops_done = 0
         self.metrics: dict = {}
 
     def alpha(self, step: int, total_steps: int) -> float:
         """Cosine from 1 (step 0) to 0 (step = fraction * total), 0 afterwards."""
-        end = max(1, round(self.fraction * total_steps))
-        return 0.5 * (1 + math.cos(math.pi * min(step, end) / end))
+        return self.cosine(step / max(1, round(self.fraction * total_steps)))
+
+    @staticmethod
+    def cosine(progress: float) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from saffu_lab.models.structured import _Structured
@@ -205,14 +215,21 @@ class SelfGuidedTraining(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if not self.layers or self.layers[0].guide is None:
             return
-        a = self.alpha(trainer.global_step, trainer.estimated_stepping_batches)
+        tokens = batch[1].numel()
+        guide_flops = 3 * sum(2 * tokens * l.in_features * l.out_features for l in self.layers)
+        structured_flops = 3 * sum(l.flops(tokens) for l in self.layers)
+        if self.mode == "steps":
+            a = self.alpha(trainer.global_step, trainer.estimated_stepping_batches)
+        else:
+            budget = self.fraction * structured_flops * trainer.estimated_stepping_batches
+            a = self.cosine(self.flops_done / budget)
         if a <= 0.0:
             self._drop_guides(trainer)
             return
         for layer in self.layers:
             layer.alpha.fill_(a)
-        tokens = batch[1].numel()
-        self.extra_flops += 3 * sum(2 * tokens * l.in_features * l.out_features for l in self.layers)
+        self.extra_flops += guide_flops
+        self.flops_done += guide_flops + structured_flops
         pl_module.log("self_guided/alpha", a)
         pl_module.log("self_guided/extra_flops", float(self.extra_flops))
 
