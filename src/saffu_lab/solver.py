@@ -174,10 +174,15 @@ class ExplicitSolver:
 
     # --- one SAFFU's features, with the padded tail folded into one column ---------------
     @staticmethod
+    def _quadratic_features(ctx, head, gram) -> torch.Tensor:
+        """Q[m, k] = G[x_{m,h}, x_{m,k}], gathered from the Gram matrix G = E E^T  ->  [B, K]."""
+        return gram[ctx[torch.arange(ctx.shape[0]), head][:, None], ctx]
+
+    @staticmethod
     def _features(unit: SAFFU, ctx, head, gram, pad_id: int, real_cols: int | None):
         """Q [B, K] (gathered from G = E E^T), X [B, L, D] of the first L = ``real_cols`` columns,
         and the embedding of the <pad> that fills columns L..K-1 (None when L = K)."""
-        Q = gram[ctx[torch.arange(ctx.shape[0]), head][:, None], ctx]
+        Q = ExplicitSolver._quadratic_features(ctx, head, gram)
         if real_cols is None or real_cols >= ctx.shape[1] or unit.aggregation == "cat":
             return Q, unit.embedding(ctx), None
         return Q, unit.embedding(ctx[:, :real_cols]), unit.embedding.weight[pad_id]
@@ -242,7 +247,7 @@ class ExplicitSolver:
                 K = unit.n_features
                 c = 2 * (1 + 1 / K) * math.log(n_out)
                 if startup:
-                    Q = gram[id(unit)][ctx[torch.arange(ctx.shape[0]), head][:, None], ctx]
+                    Q = self._quadratic_features(ctx, head, gram[id(unit)])
                     V = v_hat_A[key][targets[:, None], ctx] - v_hat_b[key][ctx] + c * e_norm[key][ctx]
                 else:
                     Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)

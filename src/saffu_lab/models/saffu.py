@@ -130,7 +130,6 @@ class SAFFUTransformer(nn.Module):
         for name, value in (("block_dim", block_dim), ("radial_dim", radial_dim), ("hidden_dim", hidden_dim)):
             if value < 1:
                 raise ValueError(f"model.{name}={value} must be >= 1")
-        for name, value in (("block_dim", block_dim), ("radial_dim", radial_dim), ("hidden_dim", hidden_dim)):
             if value < 62 and vocab_size > 2**value - 1:
                 raise ValueError(f"model.{name}={value} bits give only {2**value - 1} bit-cipher codes for {vocab_size} tokens")
         if not (head == "most_recent" or (isinstance(head, int) and 0 <= head < radius)):
