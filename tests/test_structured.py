@@ -146,3 +146,48 @@ def test_self_guided_schedule_and_guides_leave_model_and_optimizer():
     assert sum(p.numel() for p in net.parameters()) == plain_params
     assert not any(id(p) in ids for g in opt.param_groups for p in g["params"])
     assert not any(id(p) in ids for p in opt.state)
+
+
+# --- projecting a dense matrix onto a structure (for explicit SAFFU solutions) ----------------
+
+PROJECTIONS = [("lowrank", {"rank": 6}), ("blockdense", {"rank": 8, "nblocks": 4}),
+               ("blockshuffle", {"rank": 8, "nblocks": 2}),
+               ("blockshuffle", {"rank": 12, "nblocks": 4})]  # 3 mid units per block: an uneven shuffle
+
+
+@pytest.mark.parametrize("structure,kw", PROJECTIONS)
+def test_load_dense_is_the_least_squares_projection(structure, kw):
+    torch.manual_seed(0)
+    layer = structured_linear(structure, 16, 24, bias=False, **kw)
+    # a matrix that already has the structure is reproduced exactly
+    target = structured_linear(structure, 16, 24, bias=False, **kw).merged_weight()
+    layer.load_dense(target)
+    assert torch.allclose(layer.merged_weight(), target, atol=1e-5)
+    # a dense matrix: no gradient-descent fit of the factors gets closer than the projection
+    dense = torch.randn(24, 16)
+    layer.load_dense(dense)
+    projected = float((layer.merged_weight() - dense).norm())
+    fitted = structured_linear(structure, 16, 24, bias=False, **kw)
+    opt = torch.optim.Adam(fitted.parameters(), lr=1e-2)
+    for _ in range(1500):
+        opt.zero_grad()
+        loss = (fitted.structured(torch.eye(16)).T - dense).pow(2).sum()
+        loss.backward()
+        opt.step()
+    fitted_error = float(loss.detach().sqrt())
+    assert projected <= fitted_error + 1e-4, (projected, fitted_error)
+    assert projected < 0.95 * float(dense.norm())  # and it is not trivially zero
+    if structure == "lowrank":  # Eckart-Young: the error is the tail of the singular values
+        tail = torch.linalg.svdvals(dense)[kw["rank"]:]
+        assert projected == pytest.approx(float(tail.norm()), rel=1e-4)
+
+
+def test_load_dense_gives_an_attached_guide_the_dense_matrix_itself():
+    layer = structured_linear("lowrank", 16, 24, rank=4, bias=True)
+    layer.attach_guide()
+    dense = torch.randn(24, 16)
+    layer.load_dense(dense)
+    x = torch.randn(5, 16)
+    assert torch.allclose(layer(x), x @ dense.T, atol=1e-5)  # alpha = 1: the guide, bias zeroed
+    with pytest.raises(ValueError, match="expected"):
+        layer.load_dense(dense.T)

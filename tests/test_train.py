@@ -143,3 +143,14 @@ def test_self_guided_flops_mode_ends_the_guided_phase_earlier(tmp_path, cache_di
     m = read_metrics(tmp_path / "flops")
     # the guides cost FLOPs too, so half the structured-FFN FLOP budget is spent before half the steps
     assert 0 < m["self_guided/dropped_at_step"] < m["global_step"] // 2
+
+
+def test_structured_saffu_self_guided_starts_from_the_dense_explicit_solution(saffu_runs, tmp_path, cache_dir):
+    data = [o for o in TINY_SAFFU if not o.startswith("data.corpus.train_words")] + ["data.corpus.train_words=12000"]
+    run_train(data + ["ffn=lowrank", "regime=self_guided", "trainer.max_epochs=2", "logger=csv"], tmp_path / "sg", cache_dir)
+    guided, dense = read_metrics(tmp_path / "sg"), saffu_runs["explicit"]
+    # alpha = 1 at the start: the dense guides hold the explicit solution, so the model *is* the dense solve
+    assert guided["explicit/val_ppl"] == pytest.approx(dense["explicit/val_ppl"], rel=1e-4)
+    assert guided["self_guided/dropped_at_step"] == guided["global_step"] // 2
+    assert guided["params"] < dense["params"]  # guides gone: only the low-rank decoders remain
+    assert guided["test/ppl"] < dense["test/ppl"], (guided["test/ppl"], dense["test/ppl"])

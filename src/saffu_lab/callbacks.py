@@ -117,10 +117,15 @@ class ExplicitSolveCallback(pl.Callback):
     Logs ``explicit/val_ppl`` (the solved model on the dev split), the solve's wall-clock and
     the count of non-positive co-occurrences per matrix, and saves the solved model as
     ``checkpoints/explicit.ckpt``. A run resumed from a checkpoint is not solved again.
+    With ``only_saffu`` (regime=self_guided) other models are skipped instead of refused.
+
+    Structured decoders take the least-squares projection of the dense solution; under
+    self-guided training their dense guides (attached at setup) take the dense solution itself,
+    so training starts from the explicit model and alpha decays away from it.
     """
 
-    def __init__(self, solver):
-        self.solver = solver
+    def __init__(self, solver, only_saffu: bool = False):
+        self.solver, self.only_saffu = solver, only_saffu
         self.metrics: dict = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -128,6 +133,8 @@ class ExplicitSolveCallback(pl.Callback):
 
         net = pl_module.net
         if not isinstance(net, SAFFUTransformer):
+            if self.only_saffu:
+                return
             raise ConfigError(f"regime={pl_module.regime} solves SAFFU models explicitly, but model is {type(net).__name__}; "
                               "use regime=cold for model=gpt")
         if trainer.ckpt_path:
@@ -180,14 +187,20 @@ class SelfGuidedTraining(pl.Callback):
     the guided phase ends earlier in steps, and the run's extra FLOPs stay within that budget).
     Logs ``self_guided/alpha`` and ``self_guided/extra_flops`` (the guides' forward and
     backward FLOPs: 3 x 2 x in x out per token).
+
+    A model without structured maps (ffn=dense) is refused, unless ``dense_models="skip"``
+    (used by sweeps that cross ffn with regime): then the run is plain cold training, said so
+    in the log and in ``self_guided/guided_layers = 0``.
     """
 
-    def __init__(self, fraction: float = 0.5, mode: str = "steps"):
+    def __init__(self, fraction: float = 0.5, mode: str = "steps", dense_models: str = "error"):
         if not 0 < fraction <= 1:
             raise ConfigError(f"callbacks.self_guided.fraction={fraction} must be in (0, 1]")
         if mode not in ("steps", "flops"):
             raise ConfigError(f"callbacks.self_guided.mode={mode!r} is not one of 'steps', 'flops'")
-        self.fraction, self.mode = fraction, mode
+        if dense_models not in ("error", "skip"):
+            raise ConfigError(f"callbacks.self_guided.dense_models={dense_models!r} is not one of 'error', 'skip'")
+        self.fraction, self.mode, self.dense_models = fraction, mode, dense_models
         self.layers: list = []
         self.extra_flops = 0
         self.flops_done = 0
@@ -208,6 +221,10 @@ class SelfGuidedTraining(pl.Callback):
             return
         self.layers = [m for m in pl_module.modules() if isinstance(m, _Structured)]
         if not self.layers:
+            if self.dense_models == "skip":
+                self.metrics = {"self_guided/guided_layers": 0}
+                rank_zero_info("self-guided training: the model has no structured maps, so this run is plain cold training")
+                return
             raise ConfigError("regime=self_guided needs structured FFN layers: add ffn=lowrank|blockdense|blockshuffle")
         for layer in self.layers:
             layer.attach_guide()  # before configure_optimizers, so the optimiser sees the guides
@@ -243,5 +260,6 @@ class SelfGuidedTraining(pl.Callback):
                 group["params"] = [p for p in group["params"] if id(p) not in guide_params]
         for layer in self.layers:
             layer.drop_guide()
-        self.metrics = {"self_guided/extra_flops": self.extra_flops, "self_guided/dropped_at_step": trainer.global_step}
+        self.metrics = {"self_guided/extra_flops": self.extra_flops, "self_guided/dropped_at_step": trainer.global_step,
+                        "self_guided/guided_layers": len(self.layers)}
         rank_zero_info(f"self-guided training: dense guides dropped at step {trainer.global_step}")

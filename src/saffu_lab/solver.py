@@ -210,7 +210,7 @@ class ExplicitSolver:
         L = int(inputs["position"].max())
         for unit, ctx, head, cols in self._units(net, inputs, L):
             Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
-            parts.append(torch.softmax(self._hidden(unit, unit.attention(Q), X, e_tail) @ unit.U, -1))
+            parts.append(torch.softmax(self._hidden(unit, unit.attention(Q), X, e_tail) @ unit.decoder_matrix(), -1))
         if net.document is not None:
             parts.append(torch.softmax(net.document(inputs["prefix"], inputs["prefix_len"]), -1))
         return torch.cat(parts, -1)
@@ -275,10 +275,11 @@ class ExplicitSolver:
         """
         a = unit.attention(Q)
         if unit.aggregation == "sum":
-            y_hat = torch.softmax(self._hidden(unit, a, X, e_tail) @ unit.U, -1)
-            return (y_tilde - y_hat) @ unit.U.T  # [B, D]
+            U = unit.decoder_matrix()
+            y_hat = torch.softmax(self._hidden(unit, a, X, e_tail) @ U, -1)
+            return (y_tilde - y_hat) @ U.T  # [B, D]
         K, D = X.shape[1], X.shape[2]
-        P = torch.einsum("bkd,kdh->bkh", X, unit.U.view(K, D, -1))  # X_k U_k, shared by y_hat and V
+        P = torch.einsum("bkd,kdh->bkh", X, unit.decoder_matrix().reshape(K, D, -1))  # X_k U_k, shared by y_hat and V
         y_hat = torch.softmax(torch.einsum("bk,bkh->bh", a, P), -1)
         return torch.einsum("bkh,bh->bk", P, y_tilde - y_hat)  # [B, K]
 
@@ -310,7 +311,8 @@ class ExplicitSolver:
             F = self.all_reduce(S[key]).double().T @ net.hidden_targets.double()  # F(H, Y~) = H^T Y~
             K_U = self._priming("U", unit, self.all_reduce(h_norm[key]), count)
             U, bad = explicit_solution(F, K_U, self.smoothing)
-            self._set(unit.U, U, f"{key}_U", report, bad)
+            unit.load_decoder(U)  # a structured U takes the least-squares projection of the solution
+            report.nonpositive[f"{key}_U"] = bad
             report.priming[f"{key}_U"] = K_U
         if doc is not None:
             D, bad = explicit_solution(self.all_reduce(S_doc).double().T, 1.0, self.smoothing)
@@ -319,7 +321,7 @@ class ExplicitSolver:
 
     # --- the final layer M --------------------------------------------------------------
     def solve_final(self, net, data, rows, report: SolveReport, stage: str):
-        S = torch.zeros(net.vocab_size, net.M.shape[0], dtype=torch.float64)
+        S = torch.zeros(net.vocab_size, net.final_dim, dtype=torch.float64)
         norm = torch.zeros((), dtype=torch.float64)
         gram = self._gram
         for inputs, targets in self._batches(data, rows, f"{stage}: final layer"):
@@ -329,7 +331,8 @@ class ExplicitSolver:
         parts = 3 if net.document is not None else 2
         K_M = self._priming("M", None, self.all_reduce(norm), self._count, parts=parts)
         M, bad = explicit_solution(self.all_reduce(S).double().T, K_M, self.smoothing)
-        self._set(net.M, M, "M", report, bad)
+        net.load_final(M)
+        report.nonpositive["M"] = bad
         report.priming["M"] = K_M
         report.passes += 1
 

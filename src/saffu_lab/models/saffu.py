@@ -18,6 +18,11 @@ to the vocabulary:
 
 The explicit solution of every matrix lives in ``saffu_lab.solver``; this module only
 defines the function, its parameters and autoregressive generation.
+
+Structured decoders (beyond the paper): any of U_b, U_r and M may be a LowRank, BlockDense or
+BlockShuffle map (``saffu_lab.models.structured``) instead of a dense matrix. The solver still
+computes the dense explicit solution and ``load_decoder`` / ``load_final`` project it onto the
+structure (least squares); a self-guided dense guide, when attached, takes the dense solution.
 """
 
 from __future__ import annotations
@@ -28,14 +33,47 @@ from torch import nn
 
 from saffu_lab.models.bitcipher import BitCipherEmbedding, codes_by_frequency
 from saffu_lab.models.sampling import sample
+from saffu_lab.models.structured import structured_linear
 
 AGGREGATIONS = ("sum", "cat")
+DECODERS = ("block", "radial", "M")
+
+
+def _dense_or_structured(in_dim: int, out_dim: int, structure: dict | None, init_std: float):
+    """A dense [in, out] parameter (applied as x @ U), or a bias-free structured map when
+    ``structure`` (keys of ``structured_linear``) names one."""
+    if structure is None:
+        return nn.Parameter(torch.randn(in_dim, out_dim) * init_std)
+    return structured_linear(in_features=in_dim, out_features=out_dim, bias=False, **structure)
+
+
+def _apply(decoder, x: torch.Tensor) -> torch.Tensor:
+    return x @ decoder if isinstance(decoder, nn.Parameter) else decoder(x)
+
+
+def _effective_matrix(decoder) -> torch.Tensor:
+    """The dense [in, out] matrix a decoder applies (a guided structured map: the alpha mix)."""
+    if isinstance(decoder, nn.Parameter):
+        return decoder
+    merged = decoder.premerged_weight().T
+    if decoder.guide is None:
+        return merged
+    return decoder.alpha * decoder.guide.weight.T + (1 - decoder.alpha) * merged
+
+
+@torch.no_grad()
+def _load(decoder, value: torch.Tensor) -> None:
+    if isinstance(decoder, nn.Parameter):
+        decoder.copy_(value.to(decoder.dtype))
+    else:
+        decoder.load_dense(value.T.to(decoder.alpha.dtype))
 
 
 class SAFFU(nn.Module):
     """One self-attentive feed-forward unit (eq. 1) over contexts of ``n_features`` token ids."""
 
-    def __init__(self, embedding: nn.Embedding, n_features: int, out_dim: int, aggregation: str, init_std: float = 0.02):
+    def __init__(self, embedding: nn.Embedding, n_features: int, out_dim: int, aggregation: str, init_std: float = 0.02,
+                 structure: dict | None = None):
         super().__init__()
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r} is not one of {AGGREGATIONS}")
@@ -45,7 +83,8 @@ class SAFFU(nn.Module):
         dim = embedding.embedding_dim
         self.hidden_dim = dim if aggregation == "sum" else n_features * dim
         self.W = nn.Parameter(torch.randn(n_features, n_features) * init_std)
-        self.U = nn.Parameter(torch.randn(self.hidden_dim, out_dim) * init_std)
+        # the decoder U: a dense parameter, or a structured map (``structure``) stored as ``U``
+        self.U = _dense_or_structured(self.hidden_dim, out_dim, structure, init_std)
 
     def quadratic_features(self, X: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """Q[m, k] = <X[m, h_m], X[m, k]>  ->  [B, K]."""
@@ -68,7 +107,15 @@ class SAFFU(nn.Module):
 
     def forward(self, ctx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """Decoder logits H U  ->  [B, out_dim] (eq. 1 before its outer softmax)."""
-        return self.hidden(ctx, head) @ self.U
+        return _apply(self.U, self.hidden(ctx, head))
+
+    def decoder_matrix(self) -> torch.Tensor:
+        """U as the dense [hidden_dim, out_dim] matrix the decoder applies (merged if structured)."""
+        return _effective_matrix(self.U)
+
+    def load_decoder(self, U: torch.Tensor) -> None:
+        """Set U from a dense solution (projected onto the structure, if U is structured)."""
+        _load(self.U, U)
 
 
 class DocumentModel(nn.Module):
@@ -120,6 +167,8 @@ class SAFFUTransformer(nn.Module):
         document_dim: int = 32,
         embedding=BitCipherEmbedding,
         init_std: float = 0.02,
+        decoder_structure: dict | None = None,
+        structured_decoders=DECODERS,
     ):
         super().__init__()
         for name, value in (("block_size", block_size), ("radius", radius)):
@@ -136,20 +185,28 @@ class SAFFUTransformer(nn.Module):
             raise ValueError(f"model.head={head!r} must be 'most_recent' or a feature index in [0, radius={radius})")
         if document_model and document_classes < 1:
             raise ValueError(f"model.document_classes={document_classes} must be >= 1")
+        structure = dict(decoder_structure) if decoder_structure and decoder_structure.get("structure") else None
+        unknown = set(structured_decoders) - set(DECODERS)
+        if unknown:
+            raise ValueError(f"model.structured_decoders has {sorted(unknown)}; choose from {list(DECODERS)}")
+        structure_of = {name: structure if name in structured_decoders else None for name in DECODERS}
         token_counts = torch.as_tensor(token_counts, dtype=torch.float64)
         if token_counts.numel() != vocab_size:
             raise ValueError(f"token_counts has {token_counts.numel()} entries for a vocabulary of {vocab_size}")
         self.vocab_size, self.block_size, self.radius, self.head = vocab_size, block_size, radius, head
         self.pad_id, self.sod_id, self.frg_id = special_ids.pad, special_ids.sod, special_ids.frg
-        self.block = SAFFU(embedding(token_counts, block_dim), block_size, hidden_dim, block_aggregation, init_std)
-        self.radial = SAFFU(embedding(token_counts, radial_dim), radius, hidden_dim, radial_aggregation, init_std)
+        self.block = SAFFU(embedding(token_counts, block_dim), block_size, hidden_dim, block_aggregation, init_std,
+                           structure_of["block"])
+        self.radial = SAFFU(embedding(token_counts, radial_dim), radius, hidden_dim, radial_aggregation, init_std,
+                            structure_of["radial"])
         # hidden targets of both SAFFUs: the D_H-bit cipher of the vocabulary, normalised (sec. 3)
         codes = codes_by_frequency(token_counts, hidden_dim)
         self.register_buffer("hidden_targets", codes / codes.sum(1, keepdim=True))
         self.n_document_classes = min(document_classes, n_documents) if document_model else 0
         self.document = (DocumentModel(embedding(token_counts, document_dim), self.n_document_classes, self.pad_id, init_std)
                          if document_model else None)
-        self.M = nn.Parameter(torch.randn(2 * hidden_dim + self.n_document_classes, vocab_size) * init_std)
+        self.final_dim = 2 * hidden_dim + self.n_document_classes
+        self.M = _dense_or_structured(self.final_dim, vocab_size, structure_of["M"], init_std)
 
     # --- forward -------------------------------------------------------------------------
     def heads(self, block_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +225,11 @@ class SAFFUTransformer(nn.Module):
 
     def forward(self, inputs: dict) -> torch.Tensor:
         """Next-token logits [B, N] for the targets described by ``inputs`` (see BlockFraming)."""
-        return self.decoder_inputs(inputs) @ self.M
+        return _apply(self.M, self.decoder_inputs(inputs))
+
+    def load_final(self, M: torch.Tensor) -> None:
+        """Set M from a dense solution (projected onto the structure, if M is structured)."""
+        _load(self.M, M)
 
     # --- generation ----------------------------------------------------------------------
     def frame_next(self, generated: torch.Tensor) -> dict:

@@ -12,7 +12,18 @@ Each maps ``in_features -> out_features`` (plus an optional bias) with fewer par
                     params mid (in + out) / n. Orthogonal init.
 
 ``merged_weight()`` multiplies the factors into the equivalent dense [out, in] matrix;
-``flops(tokens)`` counts multiply-adds x 2 of one forward pass.
+``flops(tokens)`` counts multiply-adds x 2 of one forward pass; ``load_dense(W)`` sets the
+factors to the least-squares best structured approximation of a dense matrix W (used to put
+an explicit SAFFU solution onto a structure). For all three structures the fit separates into
+independent truncated SVDs (Eckart-Young), because every factor entry belongs to exactly one
+(input block, output block) pair:
+
+- LowRank:      W^T ~ V U                    one rank-R SVD of W^T.
+- BlockDense:   W^T[block i, :] ~ B_i D_i    D_i: the R/n rows of D fed by block i -> one
+                                             rank-R/n SVD per input block.
+- BlockShuffle: W^T[block i, block j] ~ B1_i[:, S_ij] B2_j[S_ij', :]   S_ij: the mid units the
+                                             shuffle routes from block i to block j -> one
+                                             rank-|S_ij| SVD per pair of blocks.
 
 Pre-merge (paper, section 2.2): at small batch sizes the extra matmuls of a structured map
 are latency-bound, so in eval mode a batch of fewer than ``premerge_below`` rows (the first
@@ -83,6 +94,34 @@ class _Structured(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """Project the dense [out, in] ``weight`` onto the structure (least squares, see the module
+        docstring); an attached guide takes ``weight`` itself. The bias, if any, is zeroed."""
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"load_dense: weight is {tuple(weight.shape)}, expected ({self.out_features}, {self.in_features})")
+        self._project(weight.T.to(torch.float64))
+        if self.bias is not None:
+            self.bias.zero_()
+        if self.guide is not None:
+            self.guide.weight.copy_(weight)
+            if self.guide.bias is not None:
+                self.guide.bias.zero_()
+
+    def _project(self, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+def _truncated_factors(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors A [m, rank], B [rank, n] of ``target`` [m, n] (A B ~ target), split
+    by the square roots of the singular values; ranks beyond min(m, n) get zero columns / rows."""
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    k = min(rank, s.numel())
+    A, B = target.new_zeros(target.shape[0], rank), target.new_zeros(rank, target.shape[1])
+    root = s[:k].sqrt()
+    A[:, :k], B[:k] = u[:, :k] * root, root[:, None] * vh[:k]
+    return A, B
+
 
 def _block_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Block-diagonal map: ``x [..., n * a]`` with ``weight [n, a, b]`` -> ``[..., n * b]``."""
@@ -122,6 +161,11 @@ class LowRank(_Structured):
     def flops(self, tokens: int) -> int:
         return 2 * tokens * self.rank * (self.in_features + self.out_features)
 
+    def _project(self, target):  # W^T ~ V U
+        V, U = _truncated_factors(target, self.rank)
+        self.V.copy_(V)
+        self.U.copy_(U)
+
 
 class BlockDense(_Structured):
     def __init__(self, in_features: int, out_features: int, rank: int, nblocks: int, bias: bool = True):
@@ -141,6 +185,13 @@ class BlockDense(_Structured):
 
     def flops(self, tokens: int) -> int:
         return 2 * tokens * (self.rank * self.in_features // self.nblocks + self.rank * self.out_features)
+
+    def _project(self, target):  # W^T[block i] ~ B_i D[rows of block i]
+        a, r = self.in_features // self.nblocks, self.rank // self.nblocks
+        for i in range(self.nblocks):
+            B_i, D_i = _truncated_factors(target[i * a:(i + 1) * a], r)
+            self.blocks[i].copy_(B_i)
+            self.dense[i * r:(i + 1) * r].copy_(D_i)
 
 
 class BlockShuffle(_Structured):
@@ -165,6 +216,22 @@ class BlockShuffle(_Structured):
 
     def flops(self, tokens: int) -> int:
         return 2 * tokens * self.mid_features * (self.in_features + self.out_features) // self.nblocks
+
+    def _project(self, target):  # W^T[block i, block j] ~ first_i[:, S_ij] second_j[rows of S_ij]
+        n, m = self.nblocks, self.mid_features // self.nblocks
+        a, c = self.in_features // n, self.out_features // n
+        position = self.shuffle(torch.arange(n * m).view(1, -1)).view(-1).argsort()  # where each mid unit lands
+        self.first.zero_()
+        self.second.zero_()
+        for i in range(n):
+            units = torch.arange(m)
+            landed = position[i * m + units]  # unit (i, u) feeds row landed % m of second-map block landed // m
+            for j in range(n):
+                S = units[landed // m == j]
+                if S.numel():
+                    A, B = _truncated_factors(target[i * a:(i + 1) * a, j * c:(j + 1) * c], S.numel())
+                    self.first[i][:, S] = A.to(self.first.dtype)
+                    self.second[j][landed[S] % m] = B.to(self.second.dtype)
 
 
 def structured_linear(structure: str, in_features: int, out_features: int, rank: int | None = None,
