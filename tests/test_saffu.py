@@ -235,6 +235,36 @@ def test_solver_fast_path_equals_the_model(synthetic):
                 assert torch.allclose(solver._decoder_inputs(net, inputs, gram), net.decoder_inputs(inputs), atol=1e-5)
 
 
+@pytest.mark.parametrize("aggregation", ["sum", "cat"])
+@pytest.mark.parametrize("structure", [None, "lowrank"])
+def test_folding_the_padded_tail_changes_nothing(synthetic, aggregation, structure):
+    """Block contexts are <pad> from each target's position on; folding those columns (model
+    forward, gradients, and the solver's tuning lead) gives what the full computation gives."""
+    dm = synthetic()
+    net = build(dm, block_aggregation=aggregation,
+                decoder_structure={"structure": structure, "rank": 8} if structure else None)
+    ExplicitSolver(batch_size=1000, progress=False).solve(net, dm.datasets["train"])
+    unit = net.block
+    inputs, y = dm.datasets["dev"].collate(torch.arange(400))
+    order = torch.argsort(inputs["position"])[:200]  # the 200 earliest positions: a long padded tail
+    ctx, position = inputs["block"][order], inputs["position"][order]
+    head, L = position - 1, int(position.max())
+    assert L < net.block_size
+    full = unit(ctx, head)
+    folded = unit(ctx, head, real_cols=L)
+    assert torch.allclose(folded, full, atol=1e-5)
+    grads = [torch.autograd.grad(out.square().sum(), unit.W)[0] for out in (unit(ctx, head), unit(ctx, head, real_cols=L))]
+    assert torch.allclose(*grads, rtol=1e-4, atol=1e-4 * float(grads[0].abs().max()))
+    solver = ExplicitSolver(progress=False)
+    gram = unit.embedding.weight @ unit.embedding.weight.T
+    y_tilde = net.hidden_targets[y[order]]
+    with torch.no_grad():
+        leads = [solver._variational_lead(unit, *solver._features(unit, ctx, head, gram, net.pad_id, cols), y_tilde)
+                 for cols in (None, L)]
+    assert leads[0].shape == ((200, net.block.embedding.embedding_dim) if aggregation == "sum" else (200, net.block_size))
+    assert torch.allclose(*leads, atol=1e-5 * float(leads[0].abs().max()))
+
+
 def test_structured_decoders_hold_the_projection_of_the_dense_solution(synthetic):
     dm = synthetic()
     solver = ExplicitSolver(batch_size=1000, progress=False)
@@ -269,3 +299,21 @@ def test_structured_decoders_hold_the_projection_of_the_dense_solution(synthetic
 def test_unknown_structured_decoder_is_rejected(synthetic):
     with pytest.raises(ValueError, match="structured_decoders"):
         build(synthetic(), decoder_structure={"structure": "lowrank", "rank": 4}, structured_decoders=["U"])
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "cat"])
+def test_decoder_solution_equals_eq5_on_the_unfolded_features(synthetic, aggregation):
+    """The solver sums the padded tail of block contexts apart; U must equal eq. 5 computed
+    directly from every target's full H (the model's own forward)."""
+    dm = synthetic()
+    net = build(dm, block_aggregation=aggregation)
+    ExplicitSolver(tuning_iterations=0, batch_size=500, progress=False).solve(net, dm.datasets["train"])
+    train = dm.datasets["train"]
+    inputs, y = train.collate(torch.arange(len(train)))
+    head, _ = net.heads(inputs["position"])
+    with torch.no_grad():
+        H = net.block.hidden(inputs["block"], head).double()  # all K columns, nothing folded
+    S = torch.zeros(dm.vocab_size, H.shape[1], dtype=torch.float64).index_add_(0, y, H)
+    K = net.block_size
+    U_ref, _ = explicit_solution(S.T @ net.hidden_targets.double(), K * math.log(K), 1e-3)
+    assert torch.allclose(net.block.U.double(), U_ref, atol=1e-4), float((net.block.U.double() - U_ref).abs().max())

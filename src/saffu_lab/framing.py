@@ -183,6 +183,11 @@ class BlockTargets(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
+    def eval_order(self) -> list[int]:
+        """Targets ordered by block position, for evaluation: a batch then shares most of its
+        padded block tail, which the model folds (perplexity does not depend on the order)."""
+        return torch.argsort(self.framed.position, stable=True).tolist()
+
     def collate(self, rows) -> tuple[dict, torch.Tensor]:
         rows = torch.as_tensor(rows, dtype=torch.long)
         inputs = {

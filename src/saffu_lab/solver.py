@@ -62,6 +62,24 @@ def explicit_solution(F: torch.Tensor, priming: float, smoothing: float) -> tupl
     return solution, nonpositive
 
 
+_PRODUCTS: dict = {}
+
+
+def embedding_products(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """G = E E^T (for Q) and A = (log E) E^T (for V-hat), memoised by the embedding's bytes: the
+    jobs of a sweep that share an embedding (same vocabulary, dimension and seed) compute them once
+    per worker process. Read-only results; at most four embeddings are kept."""
+    import hashlib
+
+    key = (tuple(E.shape), hashlib.blake2b(E.detach().cpu().numpy().tobytes(), digest_size=16).hexdigest())
+    if key not in _PRODUCTS:
+        if len(_PRODUCTS) >= 4:
+            _PRODUCTS.pop(next(iter(_PRODUCTS)))
+        E64 = E.detach().double()
+        _PRODUCTS[key] = ((E @ E.T).detach(), (torch.log(E64) @ E64.T).float())
+    return _PRODUCTS[key]
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
@@ -137,7 +155,7 @@ class ExplicitSolver:
         was_training = net.training
         net.eval()
         with torch.no_grad():
-            self._gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}  # G = E E^T
+            self._gram = {id(u): embedding_products(u.embedding.weight)[0] for u in (net.block, net.radial)}  # G = E E^T
             for i, (stage, fold) in enumerate(schedule):
                 rows = fold[rank::world_size]
                 self._count = float(self.all_reduce(torch.tensor(float(rows.numel()), dtype=torch.float64)))
@@ -183,26 +201,25 @@ class ExplicitSolver:
         """Q [B, K] (gathered from G = E E^T), X [B, L, D] of the first L = ``real_cols`` columns,
         and the embedding of the <pad> that fills columns L..K-1 (None when L = K)."""
         Q = ExplicitSolver._quadratic_features(ctx, head, gram)
-        if real_cols is None or real_cols >= ctx.shape[1] or unit.aggregation == "cat":
+        if real_cols is None or real_cols >= ctx.shape[1]:
             return Q, unit.embedding(ctx), None
         return Q, unit.embedding(ctx[:, :real_cols]), unit.embedding.weight[pad_id]
 
     @staticmethod
-    def _hidden(unit: SAFFU, a, X, e_tail):
-        """H = sum_k a_k X_k (or the concatenation); the tail contributes (sum of its a_k) E[<pad>]."""
+    def _row_sums(X, e_tail, K: int):
+        """|X[m, k]|_1 for every k  ->  [B, K] (the tail columns all hold e_tail)."""
+        sums = X.sum(-1)
         if e_tail is None:
-            return unit.aggregate(a, X)
-        L = X.shape[1]
-        return unit.aggregate(a[:, :L], X) + a[:, L:].sum(1, keepdim=True) * e_tail
+            return sums
+        return torch.cat([sums, e_tail.sum().expand(X.shape[0], K - X.shape[1])], 1)
 
     @staticmethod
     def _dot_features(lead, X, e_tail, K: int, c: float):
-        """(lead + c) . X[m, k] for every k  ->  [B, K] (embedding rows sum to 1)."""
-        head_part = torch.einsum("bd,bkd->bk", lead, X) + c * X.sum(-1)
-        if e_tail is None:
-            return head_part
-        tail = (lead @ e_tail + c * e_tail.sum())[:, None].expand(-1, K - X.shape[1])
-        return torch.cat([head_part, tail], 1)
+        """(lead + c) . X[m, k] for every k  ->  [B, K]."""
+        head_part = torch.einsum("bd,bkd->bk", lead, X)
+        if e_tail is not None:
+            head_part = torch.cat([head_part, (lead @ e_tail)[:, None].expand(-1, K - X.shape[1])], 1)
+        return head_part + c * ExplicitSolver._row_sums(X, e_tail, K)
 
     def _decoder_inputs(self, net, inputs, gram) -> torch.Tensor:
         """``net.decoder_inputs`` computed with the padded tail folded (same values, less work)."""
@@ -210,7 +227,7 @@ class ExplicitSolver:
         L = int(inputs["position"].max())
         for unit, ctx, head, cols in self._units(net, inputs, L):
             Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
-            parts.append(torch.softmax(self._hidden(unit, unit.attention(Q), X, e_tail) @ unit.decoder_matrix(), -1))
+            parts.append(torch.softmax(unit.decode(unit.attention(Q), X, e_tail), -1))
         if net.document is not None:
             parts.append(torch.softmax(net.document(inputs["prefix"], inputs["prefix_len"]), -1))
         return torch.cat(parts, -1)
@@ -237,7 +254,7 @@ class ExplicitSolver:
             for k, (u, _) in units.items():
                 E = u.embedding.weight.double()
                 log_e_bar = p @ torch.log(E)  # (log E)^T p
-                v_hat_A[k] = (torch.log(E) @ E.T).float()
+                v_hat_A[k] = embedding_products(u.embedding.weight)[1]
                 v_hat_b[k] = (E @ log_e_bar).float()
                 e_norm[k] = E.sum(1).float()
         gram = self._gram
@@ -255,7 +272,7 @@ class ExplicitSolver:
                     if unit.aggregation == "sum":
                         V = self._dot_features(lead, X, e_tail, K, c)
                     else:  # cat: lead is already (X_k U_k) . (y~ - y_hat)
-                        V = lead + c * X.sum(-1)
+                        V = lead + c * self._row_sums(X, e_tail, K)
                 F[key] += Q.double().T @ V.double()  # eq. 2: F(Q, V) = Q^T V
                 q_norm[key] += float(Q.sum())
         for key, (unit, _) in units.items():
@@ -274,21 +291,29 @@ class ExplicitSolver:
         where each k has its own block U_k, returns (X_k U_k) . (y~ - y_hat) itself [B, K].
         """
         a = unit.attention(Q)
+        y_hat = torch.softmax(unit.decode(a, X, e_tail), -1)
+        U = unit.decoder_matrix()
         if unit.aggregation == "sum":
-            U = unit.decoder_matrix()
-            y_hat = torch.softmax(self._hidden(unit, a, X, e_tail) @ U, -1)
             return (y_tilde - y_hat) @ U.T  # [B, D]
-        K, D = X.shape[1], X.shape[2]
-        P = torch.einsum("bkd,kdh->bkh", X, unit.decoder_matrix().reshape(K, D, -1))  # X_k U_k, shared by y_hat and V
-        y_hat = torch.softmax(torch.einsum("bk,bkh->bh", a, P), -1)
-        return torch.einsum("bkh,bh->bk", P, y_tilde - y_hat)  # [B, K]
+        L, D = X.shape[1], X.shape[2]
+        U = U.reshape(unit.n_features, D, -1)
+        lead = torch.einsum("bld,ldh,bh->bl", X, U[:L], y_tilde - y_hat)  # (X_k U_k) . (y~ - y_hat)
+        if e_tail is None:
+            return lead
+        return torch.cat([lead, (y_tilde - y_hat) @ torch.einsum("d,kdh->kh", e_tail, U[L:]).T], 1)  # [B, K]
 
     # --- eq. 5: SAFFU decoders (and the document model) --------------------------------
     def solve_decoders(self, net, data, rows, report: SolveReport, stage: str):
+        """Eq. 5 for each SAFFU: U = Sol(F(H, Y~), K log K), F(H, Y~) = H^T Y~ = S^T Y~ with S the sum
+        of H per target token. The folded <pad> tail of block contexts is summed apart, as
+        T[token, k] = sum of a_k over the token's targets, and enters F in closed form:
+        sum: (T 1)^T Y~ e_pad outer;  cat: column block k gets e_pad (T[:, k]^T Y~)."""
         N = net.vocab_size
+        units = {"block": net.block, "radial": net.radial}
         # float64 sums: the solution must not depend on how the data is split across processes
-        S = {"block": torch.zeros(N, net.block.hidden_dim, dtype=torch.float64),
-             "radial": torch.zeros(N, net.radial.hidden_dim, dtype=torch.float64)}
+        S = {k: torch.zeros(N, u.hidden_dim, dtype=torch.float64) for k, u in units.items()}
+        T = {k: torch.zeros(N, u.n_features, dtype=torch.float64) for k, u in units.items()}  # tail attention
+        e_pad = {k: u.embedding.weight[net.pad_id].double() for k, u in units.items()}
         h_norm = {k: torch.zeros((), dtype=torch.float64) for k in S}
         doc = net.document
         if doc is not None:
@@ -297,18 +322,32 @@ class ExplicitSolver:
         gram = self._gram
         for inputs, targets in self._batches(data, rows, f"{stage}: decoders"):
             L = int(inputs["position"].max())
-            for key, (unit, ctx, head, cols) in zip(("block", "radial"), self._units(net, inputs, L)):
+            for key, (unit, ctx, head, cols) in zip(units, self._units(net, inputs, L)):
                 Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
-                H = self._hidden(unit, unit.attention(Q), X, e_tail)
-                S[key].index_add_(0, targets, H.double())  # sum of H per target token
+                a = unit.attention(Q)
+                L_k = X.shape[1]
+                H = unit.aggregate(a, X)  # the first L_k columns only
+                width = H.shape[1]  # sum: D; cat: L_k D
+                S[key][:, :width].index_add_(0, targets, H.double())  # sum of H per target token
                 h_norm[key] += float(H.sum())
+                if e_tail is not None:
+                    tail = torch.zeros_like(a)
+                    tail[:, L_k:] = a[:, L_k:]
+                    T[key].index_add_(0, targets, tail.double())
+                    h_norm[key] += float(tail.sum()) * float(e_tail.sum())
             if doc is not None:
                 x = doc.features(inputs["prefix"], inputs["prefix_len"])
                 classes = inputs["document"] * net.n_document_classes // n_docs
                 S_doc.index_add_(0, classes, x.double())
         count = self._count
-        for key, unit in (("block", net.block), ("radial", net.radial)):
-            F = self.all_reduce(S[key]).double().T @ net.hidden_targets.double()  # F(H, Y~) = H^T Y~
+        Y = net.hidden_targets.double()
+        for key, unit in units.items():
+            F = self.all_reduce(S[key]).T @ Y  # F(H, Y~) = H^T Y~
+            TY = self.all_reduce(T[key]).T @ Y  # [K, D_H]: the folded tail's share
+            if unit.aggregation == "sum":
+                F += torch.outer(e_pad[key], TY.sum(0))
+            else:
+                F += (e_pad[key][None, :, None] * TY[:, None, :]).reshape(F.shape)
             K_U = self._priming("U", unit, self.all_reduce(h_norm[key]), count)
             U, bad = explicit_solution(F, K_U, self.smoothing)
             unit.load_decoder(U)  # a structured U takes the least-squares projection of the solution

@@ -75,7 +75,9 @@ class LMDataModule(pl.LightningDataModule):
         corpus: Corpus = self.corpus_source.load()
         key = json.dumps({"corpus": corpus.fingerprint, "tokenizer": self.tokenizer_trainer.cache_key()}, sort_keys=True)
         path = self.cache_dir / f"tokenized-{corpus.name}-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"
-        if not (path / "done").exists():
+        hit = (path / "done").exists()
+        self.stats.update({"data/cache": path.name, "data/cache_hit": hit})  # sweeps tokenise once, then reuse
+        if not hit:
             path.mkdir(parents=True, exist_ok=True)
             tokenizer = self.tokenizer_trainer.train(corpus.train)
             tmp = path / f"tokenizer.json.tmp{os.getpid()}"
@@ -140,9 +142,10 @@ class LMDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         dataset = self.datasets[split]
+        order = dataset.eval_order() if not shuffle and hasattr(dataset, "eval_order") else None
         return DataLoader(
             dataset, batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle, generator=generator, num_workers=self.num_workers,
+            shuffle=shuffle, generator=generator, sampler=order, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, collate_fn=getattr(dataset, "collate", None),
         )
 

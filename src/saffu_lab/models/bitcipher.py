@@ -14,12 +14,21 @@ Rows stay on the simplex (sum to 1) and become strictly positive.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from torch import nn
 
 
 def bit_cipher_codes(n_codes: int, dim: int) -> torch.Tensor:
-    """The first ``n_codes`` bit vectors of the cipher order, as a ``{0,1}`` tensor [n_codes, dim]."""
+    """The first ``n_codes`` bit vectors of the cipher order, as a ``{0,1}`` tensor [n_codes, dim].
+
+    Memoised per process (a sweep's jobs in one worker share them): a fresh copy is returned."""
+    return _bit_cipher_codes(n_codes, dim).clone()
+
+
+@lru_cache(maxsize=16)
+def _bit_cipher_codes(n_codes: int, dim: int) -> torch.Tensor:
     if dim < 1:
         raise ValueError(f"bit-cipher dimension must be >= 1, got {dim}")
     if n_codes > 2**dim - 1:

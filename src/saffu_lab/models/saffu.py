@@ -95,19 +95,57 @@ class SAFFU(nn.Module):
         """a = -log softmax(Q W)  ->  [B, K], positive."""
         return -torch.log_softmax(Q @ self.W, dim=-1)
 
-    def aggregate(self, a: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-        """H: the attention-weighted features, summed [B, D] or concatenated [B, K D]."""
+    def aggregate(self, a: torch.Tensor, X: torch.Tensor, e_tail: torch.Tensor | None = None) -> torch.Tensor:
+        """H: the attention-weighted features, summed [B, D] or concatenated [B, K D].
+
+        ``X`` may hold only the first L columns when columns L..K-1 are all the same embedding
+        ``e_tail`` (the <pad> after the target's position in a block context): the tail is folded in.
+        """
+        L = X.shape[1]
         if self.aggregation == "sum":
-            return torch.bmm(a.unsqueeze(1), X).squeeze(1)  # sum_k a_k X_k, without a [B, K, D] temporary
-        return (a.unsqueeze(-1) * X).flatten(1)
+            H = torch.bmm(a[:, None, :L], X).squeeze(1)  # sum_k a_k X_k, without a [B, K, D] temporary
+            return H if e_tail is None else H + a[:, L:].sum(1, keepdim=True) * e_tail
+        H = (a[:, :L, None] * X).flatten(1)
+        return H if e_tail is None else torch.cat([H, (a[:, L:, None] * e_tail).flatten(1)], 1)
+
+    def decode(self, a: torch.Tensor, X: torch.Tensor, e_tail: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder logits H U  ->  [B, out_dim], with a padded tail folded (see ``aggregate``).
+
+        With cat aggregation and a dense U, H U = sum_{k<L} a_k X_k U_k + sum_{k>=L} a_k (e_tail U_k):
+        the tail costs one [K-L, out] product per batch instead of a [B, (K-L) D] x [(K-L) D, out] one.
+        """
+        if self.aggregation == "sum" or e_tail is None or not isinstance(self.U, nn.Parameter):
+            return _apply(self.U, self.aggregate(a, X, e_tail))
+        L, D = X.shape[1], X.shape[2]
+        U = self.U.view(self.n_features, D, -1)
+        head = (a[:, :L, None] * X).flatten(1) @ U[:L].reshape(L * D, -1)
+        return head + a[:, L:] @ torch.einsum("d,kdo->ko", e_tail, U[L:])
+
+    def context_features(self, ctx: torch.Tensor, head: torch.Tensor, real_cols: int | None = None):
+        """Q [B, K], X [B, L, D] and e_tail: X holds the first L = ``real_cols`` columns when every
+        column from L on is one token (the block context's <pad>), else all K (e_tail None)."""
+        K = ctx.shape[1]
+        if real_cols is None or real_cols >= K:
+            X = self.embedding(ctx)
+            return self.quadratic_features(X, head), X, None
+        X = self.embedding(ctx[:, :real_cols])
+        e_tail = self.embedding(ctx[:1, real_cols])[0]
+        x_head = X[torch.arange(X.shape[0], device=X.device), head]
+        Q = torch.cat([torch.einsum("bd,bkd->bk", x_head, X), (x_head @ e_tail)[:, None].expand(-1, K - real_cols)], 1)
+        return Q, X, e_tail
 
     def hidden(self, ctx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        X = self.embedding(ctx)
-        return self.aggregate(self.attention(self.quadratic_features(X, head)), X)
+        Q, X, e_tail = self.context_features(ctx, head)
+        return self.aggregate(self.attention(Q), X, e_tail)
 
-    def forward(self, ctx: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """Decoder logits H U  ->  [B, out_dim] (eq. 1 before its outer softmax)."""
-        return _apply(self.U, self.hidden(ctx, head))
+    def forward(self, ctx: torch.Tensor, head: torch.Tensor, real_cols: int | None = None) -> torch.Tensor:
+        """Decoder logits H U  ->  [B, out_dim] (eq. 1 before its outer softmax).
+
+        ``real_cols`` = L promises that columns L..K-1 of every row are the same token (<pad>)
+        and that every head lies before L; the result is the same, computed with less work.
+        """
+        Q, X, e_tail = self.context_features(ctx, head, real_cols)
+        return self.decode(self.attention(Q), X, e_tail)
 
     def decoder_matrix(self) -> torch.Tensor:
         """U as the dense [hidden_dim, out_dim] matrix the decoder applies (merged if structured)."""
@@ -218,7 +256,10 @@ class SAFFUTransformer(nn.Module):
     def decoder_inputs(self, inputs: dict) -> torch.Tensor:
         """The concatenated distributions that M decodes: [B, 2 D_H (+ Delta)]."""
         head_b, head_r = self.heads(inputs["position"])
-        parts = [torch.softmax(self.block(inputs["block"], head_b), -1), torch.softmax(self.radial(inputs["radial"], head_r), -1)]
+        # block contexts are <pad> from each target's position on: fold columns past the batch's last one
+        real_cols = max(int(inputs["position"].max()), int(head_b.max()) + 1)
+        parts = [torch.softmax(self.block(inputs["block"], head_b, real_cols), -1),
+                 torch.softmax(self.radial(inputs["radial"], head_r), -1)]
         if self.document is not None:
             parts.append(torch.softmax(self.document(inputs["prefix"], inputs["prefix_len"]), -1))
         return torch.cat(parts, dim=-1)
