@@ -118,14 +118,22 @@ class ExplicitSolveCallback(pl.Callback):
     the count of non-positive co-occurrences per matrix, and saves the solved model as
     ``checkpoints/explicit.ckpt``. A run resumed from a checkpoint is not solved again.
     With ``only_saffu`` (regime=self_guided) other models are skipped instead of refused.
+    ``explicit/train_ppl`` is the solved model's perplexity on ``train_eval_targets`` training
+    targets spread evenly over the training split (all of them if it has fewer; null: skip),
+    the "train" figure of the paper's appendix-D tables. ``save_checkpoint=false`` (sweeps of
+    hundreds of solves) keeps no ``explicit.ckpt``.
 
     Structured decoders take the least-squares projection of the dense solution; under
     self-guided training their dense guides (attached at setup) take the dense solution itself,
     so training starts from the explicit model and alpha decays away from it.
     """
 
-    def __init__(self, solver, only_saffu: bool = False):
+    def __init__(self, solver, only_saffu: bool = False, train_eval_targets: int | None = 100_000,
+                 save_checkpoint: bool = True, eval_batch_size: int = 1024):
+        if train_eval_targets is not None and train_eval_targets < 1:
+            raise ConfigError(f"callbacks.explicit_solve.train_eval_targets={train_eval_targets} must be >= 1, or null (skip)")
         self.solver, self.only_saffu = solver, only_saffu
+        self.train_eval_targets, self.save_checkpoint, self.eval_batch_size = train_eval_targets, save_checkpoint, eval_batch_size
         self.metrics: dict = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -146,20 +154,34 @@ class ExplicitSolveCallback(pl.Callback):
         self.metrics = report.metrics()
         self.metrics["explicit/wall_s"] = time.perf_counter() - start
         self.metrics["explicit/val_ppl"] = evaluate_perplexity(pl_module, trainer.datamodule.val_dataloader())
+        if self.train_eval_targets is not None:
+            train = trainer.datamodule.datasets["train"]
+            rows = _evenly_spaced(len(train), self.train_eval_targets)
+            rows = rows[torch.argsort(train.framed.position[rows], stable=True)]  # batches share padded tails
+            batches = (train.collate(rows[s:s + self.eval_batch_size]) for s in range(0, rows.numel(), self.eval_batch_size))
+            self.metrics["explicit/train_ppl"] = evaluate_perplexity(pl_module, batches)
+            self.metrics["explicit/train_eval_targets"] = rows.numel()
         rank_zero_info(f"explicit solve: {self.metrics['explicit/wall_s']:.1f} s over {report.targets} targets "
                        f"in {report.folds} fold(s); dev perplexity {self.metrics['explicit/val_ppl']:.3f}")
-        # keep the solved model: regime=explicit trains nothing, so no other checkpoint holds it
-        folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
-        trainer.save_checkpoint(folder / "explicit.ckpt")
-        self.metrics["explicit/checkpoint"] = str(folder / "explicit.ckpt")
+        if self.save_checkpoint:  # keep the solved model: regime=explicit trains nothing, so no other checkpoint holds it
+            folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+            trainer.save_checkpoint(folder / "explicit.ckpt")
+            self.metrics["explicit/checkpoint"] = str(folder / "explicit.ckpt")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({k: v for k, v in self.metrics.items() if not isinstance(v, str)}, step=trainer.global_step)
 
 
+def _evenly_spaced(n: int, k: int) -> torch.Tensor:
+    """``min(n, k)`` indices spread evenly over ``range(n)`` (deterministic)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, k).round().long().unique()
+
+
 @torch.no_grad()
 def evaluate_perplexity(pl_module: pl.LightningModule, loader) -> float:
-    """Per-target perplexity of ``pl_module`` over a data loader (no Trainer needed)."""
+    """Per-target perplexity of ``pl_module`` over ``(inputs, y)`` batches (no Trainer needed)."""
     from saffu_lab.framing import IGNORE_INDEX
 
     was_training = pl_module.training

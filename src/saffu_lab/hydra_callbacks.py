@@ -1,7 +1,8 @@
-"""Hydra callbacks: checks that must run before Hydra creates the run directory."""
+"""Hydra callbacks: the run-directory check before Hydra creates it, and a multirun's failure summary."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,3 +29,21 @@ class RunDirCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun, list the jobs that failed (their ``failed.json``) in
+    ``failures.json`` of the sweep folder and on stderr; the other jobs' results stand."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        failed = sorted(sweep.glob("**/failed.json"))
+        if not failed:
+            return
+        records = [{"folder": str(f.parent), **{k: v for k, v in json.loads(f.read_text()).items() if k != "traceback"}}
+                   for f in failed]
+        (sweep / "failures.json").write_text(json.dumps(records, indent=2) + "\n")
+        total = len(list(sweep.glob("**/.hydra")))
+        print(f"{len(failed)} of {total} jobs failed (details: {sweep / 'failures.json'}):", file=sys.stderr)
+        for r in records:
+            print(f"  job {r['job']}: {r['error']}", file=sys.stderr)

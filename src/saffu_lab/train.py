@@ -61,10 +61,35 @@ def _missing_keys(node, prefix: str = "") -> list[str]:
     return found
 
 
+def write_resolved_config(cfg: DictConfig) -> None:
+    """``config.yaml`` in the run folder: every value resolved (what scripts/collect_results.py reads)."""
+    folder = Path(cfg.paths.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def run(cfg: DictConfig) -> dict:
     """Train, validate and test; return (and write) the metrics of the run."""
+    try:
+        return _run(cfg)
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run, so that the next job of a sweep in this process starts its own
+    (WandbLogger would otherwise attach to the run still open)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     check_environment(cfg)
+    write_resolved_config(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("logger") and cfg.logger.get("offline", True):
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -82,24 +107,28 @@ def run(cfg: DictConfig) -> dict:
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""  # none if fit trained nothing
     ckpt = best if best and Path(best).exists() else None
 
+    callback_metrics = {k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()}
     t = time.perf_counter()
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    if trainer.global_step == 0 and "explicit/val_ppl" in callback_metrics:
+        val = [{"val/ppl": callback_metrics["explicit/val_ppl"]}]  # untrained since the solve: already measured
+    else:
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
     timings["time/validate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False) if cfg.get("test", True) else [{}]
     timings["time/test_s"] = time.perf_counter() - t
 
     tokens_seen = int(trainer.strategy.reduce(module.tokens_seen.float(), reduce_op="sum"))
     metrics = {
         "val/ppl": val[0]["val/ppl"],
-        "test/ppl": test[0]["test/ppl"],
+        "test/ppl": test[0].get("test/ppl"),
         "unigram/test_ppl": datamodule.unigram_perplexity("train", "test"),
         "unigram/val_ppl": datamodule.unigram_perplexity("train", "dev"),
         "params": module.num_parameters(),
         "vocab_size": datamodule.vocab_size,
         "tokens_seen": tokens_seen,
         **datamodule.stats,
-        **{k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()},
+        **callback_metrics,
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "interrupted": trainer.interrupted,
@@ -109,13 +138,15 @@ def run(cfg: DictConfig) -> dict:
         **timings,
     }
     metrics["time/total_s"] = time.perf_counter() - start
+    metrics["threads"] = torch.get_num_threads()
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tokenizer_path = Path(cfg.paths.output_dir) / "tokenizer.json"
         datamodule.tokenizer.save(str(tokenizer_path))
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"val/ppl {metrics['val/ppl']:.3f}  test/ppl {metrics['test/ppl']:.3f}  "
+        test_text = f"test/ppl {metrics['test/ppl']:.3f}" if metrics["test/ppl"] is not None else "test skipped"
+        print(f"val/ppl {metrics['val/ppl']:.3f}  {test_text}  "
               f"(unigram test/ppl {metrics['unigram/test_ppl']:.3f})  -> {cfg.paths.output_dir}/metrics.json")
     return metrics
 
@@ -132,11 +163,69 @@ def _unwrap(err: InstantiationException) -> Exception:
     return err
 
 
+def _sweep_job() -> dict | None:
+    """The job's place in a multirun (number, overrides, sweep folder), or None for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return {"num": hc.job.num, "overrides": list(hc.overrides.task), "sweep_dir": hc.sweep.dir}
+
+
+def tag_sweep_job(cfg: DictConfig, job: dict) -> None:
+    """W&B: group a sweep's runs (the experiment's group, else the sweep folder's name) and tag
+    each with its overrides (``model.radius=8``), so the dashboard can pivot on them."""
+    wandb_cfg = cfg.get("logger", {}).get("wandb") if cfg.get("logger") else None
+    if not isinstance(wandb_cfg, DictConfig):
+        return
+    with open_dict(cfg):
+        if not wandb_cfg.get("group"):
+            wandb_cfg.group = f"{cfg.task_name}-{Path(job['sweep_dir']).name}"
+        tags = list(wandb_cfg.get("tags") or []) + [o[:64] for o in job["overrides"]]  # W&B allows 64 characters
+        wandb_cfg.tags = list(dict.fromkeys(tags))
+        wandb_cfg.job_type = "sweep"
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> Path:
+    """Write ``failed.json`` (error, traceback, overrides) into the job's folder."""
+    import traceback
+
+    folder = Path(cfg.paths.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    job = _sweep_job() or {}
+    record = {"error": f"{type(err).__name__}: {err}", "user_error": isinstance(err, SaffuLabError),
+              "overrides": job.get("overrides"), "job": job.get("num"),
+              "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
+    (folder / "failed.json").write_text(json.dumps(record, indent=2) + "\n")
+    return folder / "failed.json"
+
+
 def main_guarded(cfg: DictConfig) -> float | None:
-    """Entry point for ``train.py``: one clear line and exit code 2 for a user error."""
+    """Entry point for ``train.py``.
+
+    A single run: one clear line and exit code 2 for a user error. In a multirun (``-m``) a
+    failing job is recorded in its folder as ``failed.json`` and returns NaN (Optuna marks the
+    trial failed), so the other jobs go on; ``saffu_lab.hydra_callbacks.SweepSummary`` lists
+    the failures at the end.
+    """
+    job = _sweep_job()
+    if job is not None:
+        tag_sweep_job(cfg, job)
     try:
         metrics = run(cfg)
     except SaffuLabError as err:
+        if job is not None:
+            print(f"error: job {job['num']} ({' '.join(job['overrides'])}): {err} -> {record_failure(cfg, err)}", file=sys.stderr)
+            return float("nan")
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:  # noqa: BLE001 - a sweep must survive any one job
+        if job is None:
+            raise
+        print(f"error: job {job['num']} failed with {type(err).__name__}: {err} -> {record_failure(cfg, err)}", file=sys.stderr)
+        return float("nan")
     return metrics.get(cfg.get("optimized_metric", "val/ppl"))

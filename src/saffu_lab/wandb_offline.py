@@ -91,3 +91,12 @@ def tables(run_dir: str | Path, key: str) -> list[dict]:
         key=lambda p: int(p.name[len(key) + 1:].split("_")[0]),
     )
     return [json.loads(p.read_text()) for p in found]
+
+
+def run_info(run_dir: str | Path) -> dict:
+    """The run's W&B settings as sent: group, tags, job type, project (from its run record)."""
+    for record in records(run_file(run_dir)):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+            return {"group": run.run_group, "tags": list(run.tags), "job_type": run.job_type, "project": run.project}
+    raise ValueError(f"no run record in {run_file(run_dir)}")

@@ -1,0 +1,280 @@
+"""Collect a multirun's results: a CSV, Markdown tables and heatmaps.
+
+    python scripts/collect_results.py logs/train/multiruns/2026-11-23_18-00-00 [--out DIR]
+
+Reads every job folder of the sweep (``metrics.json`` or ``failed.json``, the resolved config
+``config.yaml`` written by the run, and Hydra's ``.hydra/overrides.yaml``) and writes, into
+``--out`` (default ``MULTIRUN_DIR/results``):
+
+- ``results.csv``: one row per job: its overrides, the model settings, the metrics, the status;
+- ``curves.csv``: every job's validation perplexity by step (from the CSV logger);
+- ``results.md``: for a grid over r and b, one table per aggregation combination shaped like
+  the paper's appendix D (rows r, columns b, cells "train, dev" perplexity, best cell bold,
+  "-" where the job failed or was refused); otherwise one table of all jobs;
+- ``heatmap_<combination>.png``: dev perplexity over (r, b), one per combination;
+- ``curves.png``: the validation curves, when any job trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+# columns taken from each job's resolved config (dotted path -> column)
+CONFIG_COLUMNS = {
+    "model._target_": "model",
+    "model.radius": "r",
+    "model.block_size": "b",
+    "model.block_aggregation": "block_aggregation",
+    "model.radial_aggregation": "radial_aggregation",
+    "model.document_model": "document_model",
+    "model.hidden_dim": "hidden_dim",
+    "ffn.structure": "ffn",
+    "regime.regime": "regime",
+    "regime.optimizer.lr": "lr",
+    "ablation_table": "table",
+    "data.train_tokens": "train_tokens",
+    "seed": "seed",
+}
+METRIC_COLUMNS = {
+    "explicit/train_ppl": "train_ppl",
+    "val/ppl": "dev_ppl",
+    "test/ppl": "test_ppl",
+    "explicit/val_ppl": "explicit_dev_ppl",
+    "unigram/val_ppl": "unigram_dev_ppl",
+    "params": "params",
+    "tokens_seen": "tokens_seen",
+    "global_step": "steps",
+    "explicit/solve_s": "solve_s",
+    "time/total_s": "total_s",
+    "self_guided/dropped_at_step": "guides_dropped_at",
+}
+
+
+def _get(cfg: dict, dotted: str):
+    node = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _overrides(job: Path) -> dict:
+    path = job / ".hydra" / "overrides.yaml"
+    items = yaml.safe_load(path.read_text()) if path.exists() else []
+    return dict(o.lstrip("+~").split("=", 1) for o in items or [] if "=" in o)
+
+
+def read_job(job: Path) -> dict:
+    """One row: overrides, config values, metrics, and the status (ok / failed / running)."""
+    overrides = _overrides(job)
+    row = {"job": job.name, "folder": str(job), "overrides": " ".join(f"{k}={v}" for k, v in overrides.items())}
+    cfg_path = job / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.exists() else {}
+    for dotted, column in CONFIG_COLUMNS.items():
+        value = _get(cfg, dotted)
+        for key in (dotted, column):  # no resolved config (e.g. a job that failed early): the overrides
+            if value is None and key in overrides:
+                value = yaml.safe_load(overrides[key])
+        row[column] = value
+    if isinstance(row["model"], str):
+        row["model"] = row["model"].rsplit(".", 1)[-1]
+    if row["ffn"] is None and (cfg or row["model"]):
+        row["ffn"] = "dense"
+    if (job / "metrics.json").exists():
+        metrics = json.loads((job / "metrics.json").read_text())
+        row.update({column: metrics.get(key) for key, column in METRIC_COLUMNS.items()})
+        row["status"], row["error"] = "ok", ""
+    elif (job / "failed.json").exists():
+        row["status"], row["error"] = "failed", json.loads((job / "failed.json").read_text())["error"]
+    else:
+        row["status"], row["error"] = "incomplete", ""
+    return row
+
+
+def collect(sweep: Path) -> pd.DataFrame:
+    jobs = sorted((p.parent for p in sweep.glob("*/.hydra")), key=lambda p: (len(p.name), p.name))
+    if not jobs:
+        raise SystemExit(f"error: no job folders (*/.hydra) under {sweep}; give a multirun folder (logs/train/multiruns/...)")
+    frame = pd.DataFrame([read_job(j) for j in jobs])
+    for column in METRIC_COLUMNS.values():
+        if column not in frame:
+            frame[column] = float("nan")
+    return frame
+
+
+def read_curves(frame: pd.DataFrame) -> pd.DataFrame:
+    """val/ppl by step for every job that logged one (the CSV logger's metrics.csv)."""
+    parts = []
+    for job, folder in zip(frame["job"], frame["folder"]):
+        path = Path(folder) / "csv" / "metrics.csv"
+        if not path.exists():
+            continue
+        log = pd.read_csv(path)
+        if "val/ppl" in log and log["val/ppl"].notna().any():
+            curve = log.loc[log["val/ppl"].notna(), ["step", "val/ppl"]].rename(columns={"val/ppl": "dev_ppl"})
+            parts.append(curve.assign(job=job))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "dev_ppl", "job"])
+
+
+# --- the paper's appendix-D tables ---------------------------------------------------------------
+
+def combination_name(block: str, radial: str, document: bool) -> str:
+    return f"block_{block}_radial_{radial}" + ("_document" if document else "")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def grid_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{combination: DataFrame of "train, dev" cells, rows r, columns b}; the best dev cell in bold."""
+    tables = {}
+    keys = ["block_aggregation", "radial_aggregation", "document_model"]
+    for (block, radial, document), group in frame.groupby(keys, dropna=False, sort=False):
+        rs, bs = sorted(group["r"].dropna().astype(int).unique()), sorted(group["b"].dropna().astype(int).unique())
+        ok = group[group["status"] == "ok"]
+        best = ok.loc[ok["dev_ppl"].idxmin()] if len(ok) else None
+        cells = pd.DataFrame("-", index=[f"r = {r}" for r in rs], columns=[f"b = {b}" for b in bs])
+        for _, job in ok.iterrows():
+            text = f"{_fmt(job['train_ppl'])}, {_fmt(job['dev_ppl'])}"
+            if best is not None and job["job"] == best["job"]:
+                text = f"**{text}**"
+            cells.loc[f"r = {int(job['r'])}", f"b = {int(job['b'])}"] = text
+        tables[combination_name(block, radial, bool(document))] = cells
+    return tables
+
+
+def markdown_table(frame: pd.DataFrame, index: bool = True) -> str:
+    header = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in frame.iterrows():
+        cells = ([str(label)] if index else []) + [_cell(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def is_grid(frame: pd.DataFrame) -> bool:
+    return frame["r"].nunique() > 1 and frame["b"].nunique() > 1
+
+
+def write_markdown(frame: pd.DataFrame, out: Path) -> str:
+    failed = frame[frame["status"] != "ok"]
+    lines = [f"# Results of {len(frame)} jobs ({len(frame) - len(failed)} ok, {len(failed)} failed or incomplete)", ""]
+    if is_grid(frame):
+        for name, cells in grid_tables(frame).items():
+            lines += [f"## {name.replace('_', ' ')}", "",
+                      "Cells: train, dev perplexity; the best dev perplexity in bold; - : no result.", "",
+                      markdown_table(cells), ""]
+    else:
+        varying = [c for c in CONFIG_COLUMNS.values() if frame[c].astype(str).nunique() > 1]
+        shown = frame[["job", *varying, "params", "train_ppl", "dev_ppl", "test_ppl", "steps", "total_s", "status"]]
+        shown = shown.dropna(axis=1, how="all")
+        lines += [markdown_table(shown, index=False), ""]
+    if len(failed):
+        lines += ["## Failed jobs", ""] + [f"- job {j}: {e or s}" for j, e, s in zip(failed["job"], failed["error"], failed["status"])]
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+# --- pictures ---------------------------------------------------------------------------------
+
+def plot_heatmaps(frame: pd.DataFrame, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    keys = ["block_aggregation", "radial_aggregation", "document_model"]
+    for (block, radial, document), group in frame.groupby(keys, dropna=False, sort=False):
+        ok = group[group["status"] == "ok"]
+        if ok.empty:
+            continue
+        grid = ok.pivot_table(index="r", columns="b", values="dev_ppl")
+        grid = grid.reindex(index=sorted(group["r"].dropna().astype(int).unique()),
+                            columns=sorted(group["b"].dropna().astype(int).unique()))
+        fig, ax = plt.subplots(figsize=(6, 5))
+        image = ax.imshow(grid.values, cmap="viridis_r")
+        ax.set_xticks(range(grid.shape[1]), [str(b) for b in grid.columns])
+        ax.set_yticks(range(grid.shape[0]), [str(r) for r in grid.index])
+        ax.set_xlabel("block size b")
+        ax.set_ylabel("radius r")
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                value = grid.values[i, j]
+                ax.text(j, i, "-" if math.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8, color="w")
+        name = combination_name(block, radial, bool(document))
+        ax.set_title(f"dev perplexity: {name.replace('_', ' ')}")
+        fig.colorbar(image, ax=ax, label="dev perplexity")
+        fig.tight_layout()
+        path = out / f"heatmap_{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path | None:
+    curves = curves.groupby("job").filter(lambda c: len(c) > 1)  # explicit solves have a single point
+    if curves.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = dict(zip(frame["job"], frame["overrides"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for job, curve in curves.groupby("job", sort=False):
+        ax.plot(curve["step"], curve["dev_ppl"], marker="o", markersize=3, label=labels.get(job, job)[:60])
+    ax.set_xlabel("training step")
+    ax.set_ylabel("dev perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", type=Path, help="a multirun folder (logs/train/multiruns/<time>)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: SWEEP/results)")
+    args = parser.parse_args(argv)
+    if not args.sweep.is_dir():
+        print(f"error: {args.sweep} is not a folder; give a multirun folder (logs/train/multiruns/<time>)", file=sys.stderr)
+        return 2
+    out = args.out or args.sweep / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    frame = collect(args.sweep)
+    curves = read_curves(frame)
+    frame.to_csv(out / "results.csv", index=False)
+    curves.to_csv(out / "curves.csv", index=False)
+    write_markdown(frame, out)
+    pictures = plot_heatmaps(frame, out) if is_grid(frame) else []
+    curve_plot = plot_curves(frame, curves, out)
+    pictures += [curve_plot] if curve_plot else []
+    ok = int((frame["status"] == "ok").sum())
+    print(f"{len(frame)} jobs ({ok} ok) -> {out}/results.csv, results.md" + "".join(f", {p.name}" for p in pictures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
