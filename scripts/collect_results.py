@@ -130,6 +130,11 @@ def combination_name(block: str, radial: str, document: bool) -> str:
     return f"block_{block}_radial_{radial}" + ("_document" if document else "")
 
 
+def _flag(value) -> bool:
+    """A config boolean that may be missing (NaN) for a job that failed before writing its config."""
+    return bool(pd.notna(value) and value)
+
+
 def _fmt(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
@@ -141,14 +146,15 @@ def grid_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     for (block, radial, document), group in frame.groupby(keys, dropna=False, sort=False):
         rs, bs = sorted(group["r"].dropna().astype(int).unique()), sorted(group["b"].dropna().astype(int).unique())
         ok = group[group["status"] == "ok"]
-        best = ok.loc[ok["dev_ppl"].idxmin()] if len(ok) else None
+        scored = ok.dropna(subset=["dev_ppl"])
+        best = scored.loc[scored["dev_ppl"].idxmin()] if len(scored) else None
         cells = pd.DataFrame("-", index=[f"r = {r}" for r in rs], columns=[f"b = {b}" for b in bs])
         for _, job in ok.iterrows():
             text = f"{_fmt(job['train_ppl'])}, {_fmt(job['dev_ppl'])}"
             if best is not None and job["job"] == best["job"]:
                 text = f"**{text}**"
             cells.loc[f"r = {int(job['r'])}", f"b = {int(job['b'])}"] = text
-        tables[combination_name(block, radial, bool(document))] = cells
+        tables[combination_name(block, radial, _flag(document))] = cells
     return tables
 
 
@@ -217,8 +223,10 @@ def plot_heatmaps(frame: pd.DataFrame, out: Path) -> list[Path]:
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
                 value = grid.values[i, j]
-                ax.text(j, i, "-" if math.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=8, color="w")
-        name = combination_name(block, radial, bool(document))
+                if not math.isnan(value):  # dark text on the light (low-perplexity) cells
+                    color = "black" if image.norm(value) < 0.5 else "white"
+                    ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color=color)
+        name = combination_name(block, radial, _flag(document))
         ax.set_title(f"dev perplexity: {name.replace('_', ' ')}")
         fig.colorbar(image, ax=ax, label="dev perplexity")
         fig.tight_layout()

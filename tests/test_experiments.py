@@ -157,6 +157,19 @@ def test_collector_tables_are_shaped_like_appendix_d(fixture_sweep, tmp_path):
     assert (tmp_path / "heatmap_block_sum_radial_cat.png").stat().st_size > 1000
 
 
+def test_collector_survives_jobs_without_config_or_dev_perplexity(fixture_sweep, tmp_path):
+    early = fixture_sweep / "8"  # failed before writing its config
+    (early / ".hydra").mkdir(parents=True)
+    (early / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.radius=16", "model.block_size=8"]))
+    (early / "failed.json").write_text(json.dumps({"error": "ConfigError: no value for data.path"}))
+    diverged = json.loads((fixture_sweep / "1" / "metrics.json").read_text())
+    (fixture_sweep / "1" / "metrics.json").write_text(json.dumps({**diverged, "val/ppl": float("nan")}))
+    assert collect_results.main([str(fixture_sweep), "--out", str(tmp_path)]) == 0
+    tables = collect_results.grid_tables(collect_results.collect(fixture_sweep))
+    assert not any(name.endswith("_document") for name in tables)  # no phantom table from the config-less job
+    assert tables["block_sum_radial_cat"].loc["r = 2", "b = 8"] == "80.0, -"  # train kept, dev NaN
+
+
 def test_collector_refuses_a_folder_without_jobs(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no job folders"):
         collect_results.main([str(tmp_path)])

@@ -70,22 +70,29 @@ def write_resolved_config(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """Train, validate and test; return (and write) the metrics of the run."""
+    threads = torch.get_num_threads()
     try:
-        return _run(cfg)
+        metrics = _run(cfg)
+    except BaseException:
+        _finish_wandb(exit_code=1)  # W&B shows the run as failed
+        raise
     finally:
-        _finish_wandb()
+        torch.set_num_threads(threads)  # a later job in this process starts from the default again
+    _finish_wandb(exit_code=0)
+    return metrics
 
 
-def _finish_wandb() -> None:
+def _finish_wandb(exit_code: int) -> None:
     """Close the W&B run, so that the next job of a sweep in this process starts its own
     (WandbLogger would otherwise attach to the run still open)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)
 
 
 def _run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
+    (Path(cfg.paths.output_dir) / "failed.json").unlink(missing_ok=True)  # a re-run job folder
     check_environment(cfg)
     write_resolved_config(cfg)
     if cfg.get("threads"):
@@ -213,9 +220,9 @@ def main_guarded(cfg: DictConfig) -> float | None:
     the failures at the end.
     """
     job = _sweep_job()
-    if job is not None:
-        tag_sweep_job(cfg, job)
     try:
+        if job is not None:
+            tag_sweep_job(cfg, job)
         metrics = run(cfg)
     except SaffuLabError as err:
         if job is not None:
