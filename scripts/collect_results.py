@@ -139,12 +139,18 @@ def _fmt(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def grid_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """{combination: DataFrame of "train, dev" cells, rows r, columns b}; the best dev cell in bold."""
-    tables = {}
+def combinations(frame: pd.DataFrame):
+    """(name, jobs, sorted r values, sorted b values) for each aggregation combination of the sweep."""
     keys = ["block_aggregation", "radial_aggregation", "document_model"]
     for (block, radial, document), group in frame.groupby(keys, dropna=False, sort=False):
         rs, bs = sorted(group["r"].dropna().astype(int).unique()), sorted(group["b"].dropna().astype(int).unique())
+        yield combination_name(block, radial, _flag(document)), group, rs, bs
+
+
+def grid_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{combination: DataFrame of "train, dev" cells, rows r, columns b}; the best dev cell in bold."""
+    tables = {}
+    for name, group, rs, bs in combinations(frame):
         ok = group[group["status"] == "ok"]
         scored = ok.dropna(subset=["dev_ppl"])
         best = scored.loc[scored["dev_ppl"].idxmin()] if len(scored) else None
@@ -154,7 +160,7 @@ def grid_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
             if best is not None and job["job"] == best["job"]:
                 text = f"**{text}**"
             cells.loc[f"r = {int(job['r'])}", f"b = {int(job['b'])}"] = text
-        tables[combination_name(block, radial, _flag(document))] = cells
+        tables[name] = cells
     return tables
 
 
@@ -206,14 +212,11 @@ def plot_heatmaps(frame: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    keys = ["block_aggregation", "radial_aggregation", "document_model"]
-    for (block, radial, document), group in frame.groupby(keys, dropna=False, sort=False):
+    for name, group, rs, bs in combinations(frame):
         ok = group[group["status"] == "ok"]
         if ok.empty:
             continue
-        grid = ok.pivot_table(index="r", columns="b", values="dev_ppl")
-        grid = grid.reindex(index=sorted(group["r"].dropna().astype(int).unique()),
-                            columns=sorted(group["b"].dropna().astype(int).unique()))
+        grid = ok.pivot_table(index="r", columns="b", values="dev_ppl").reindex(index=rs, columns=bs)
         fig, ax = plt.subplots(figsize=(6, 5))
         image = ax.imshow(grid.values, cmap="viridis_r")
         ax.set_xticks(range(grid.shape[1]), [str(b) for b in grid.columns])
@@ -226,7 +229,6 @@ def plot_heatmaps(frame: pd.DataFrame, out: Path) -> list[Path]:
                 if not math.isnan(value):  # dark text on the light (low-perplexity) cells
                     color = "black" if image.norm(value) < 0.5 else "white"
                     ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color=color)
-        name = combination_name(block, radial, _flag(document))
         ax.set_title(f"dev perplexity: {name.replace('_', ' ')}")
         fig.colorbar(image, ax=ax, label="dev perplexity")
         fig.tight_layout()

@@ -186,7 +186,7 @@ def _sweep_job() -> dict | None:
 def tag_sweep_job(cfg: DictConfig, job: dict) -> None:
     """W&B: group a sweep's runs (the experiment's group, else the sweep folder's name) and tag
     each with its overrides (``model.radius=8``), so the dashboard can pivot on them."""
-    wandb_cfg = cfg.get("logger", {}).get("wandb") if cfg.get("logger") else None
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
     if not isinstance(wandb_cfg, DictConfig):
         return
     with open_dict(cfg):
@@ -197,13 +197,12 @@ def tag_sweep_job(cfg: DictConfig, job: dict) -> None:
         wandb_cfg.job_type = "sweep"
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> Path:
+def record_failure(cfg: DictConfig, err: BaseException, job: dict) -> Path:
     """Write ``failed.json`` (error, traceback, overrides) into the job's folder."""
     import traceback
 
     folder = Path(cfg.paths.output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    job = _sweep_job() or {}
     record = {"error": f"{type(err).__name__}: {err}", "user_error": isinstance(err, SaffuLabError),
               "overrides": job.get("overrides"), "job": job.get("num"),
               "traceback": "".join(traceback.format_exception(type(err), err, err.__traceback__))}
@@ -226,13 +225,13 @@ def main_guarded(cfg: DictConfig) -> float | None:
         metrics = run(cfg)
     except SaffuLabError as err:
         if job is not None:
-            print(f"error: job {job['num']} ({' '.join(job['overrides'])}): {err} -> {record_failure(cfg, err)}", file=sys.stderr)
+            print(f"error: job {job['num']} ({' '.join(job['overrides'])}): {err} -> {record_failure(cfg, err, job)}", file=sys.stderr)
             return float("nan")
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except Exception as err:  # noqa: BLE001 - a sweep must survive any one job
         if job is None:
             raise
-        print(f"error: job {job['num']} failed with {type(err).__name__}: {err} -> {record_failure(cfg, err)}", file=sys.stderr)
+        print(f"error: job {job['num']} failed with {type(err).__name__}: {err} -> {record_failure(cfg, err, job)}", file=sys.stderr)
         return float("nan")
     return metrics.get(cfg.get("optimized_metric", "val/ppl"))
