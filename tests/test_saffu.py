@@ -222,17 +222,23 @@ def test_ddp_solve_equals_single_process(synthetic, tmp_path):
 
 
 def test_solver_fast_path_equals_the_model(synthetic):
-    """The solver folds the padded tail of block contexts; its SAFFU outputs equal the model's."""
+    """The solver folds the padded tail of block contexts, and decodes cat units by gathering
+    from T_k = E U_k; its SAFFU outputs equal the model's."""
     dm = synthetic()
-    for block_agg in ("sum", "cat"):
-        net = build(dm, block_aggregation=block_agg)
+    for block_agg, radial_agg in (("sum", "cat"), ("cat", "sum"), ("cat", "cat")):
+        net = build(dm, block_aggregation=block_agg, radial_aggregation=radial_agg)
         solver = ExplicitSolver(batch_size=256, progress=False)
         solver.solve(net, dm.datasets["train"])  # non-trivial W, U
         rows = torch.arange(len(dm.datasets["dev"]))
-        gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in (net.block, net.radial)}
+        units = (net.block, net.radial)
+        gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in units}
+        tables = {id(u): solver._cat_tables(u) for u in units if u.aggregation == "cat"}
         with torch.no_grad():
             for inputs, _ in solver._batches(dm.datasets["dev"], rows, "check"):
-                assert torch.allclose(solver._decoder_inputs(net, inputs, gram), net.decoder_inputs(inputs), atol=1e-5)
+                expected = net.decoder_inputs(inputs)
+                assert torch.allclose(solver._decoder_inputs(net, inputs, gram), expected, atol=1e-5)
+                # gathered rows add in another order: float32 logits up to ~150 agree to ~1e-5
+                assert torch.allclose(solver._decoder_inputs(net, inputs, gram, tables), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "cat"])
@@ -317,3 +323,25 @@ def test_decoder_solution_equals_eq5_on_the_unfolded_features(synthetic, aggrega
     K = net.block_size
     U_ref, _ = explicit_solution(S.T @ net.hidden_targets.double(), K * math.log(K), 1e-3)
     assert torch.allclose(net.block.U.double(), U_ref, atol=1e-4), float((net.block.U.double() - U_ref).abs().max())
+
+
+def test_attention_solution_equals_eq6_on_the_unfolded_features(synthetic):
+    """The start-up W (eq. 6 with V-hat) is accumulated from gathers with the padded tail folded;
+    it must equal eq. 6 computed from every target's full Q and V-hat."""
+    dm = synthetic()
+    net = build(dm, block_aggregation="cat")
+    ExplicitSolver(tuning_iterations=0, batch_size=300, progress=False).solve(net, dm.datasets["train"])
+    train = dm.datasets["train"]
+    inputs, y = train.collate(torch.arange(len(train)))
+    p = torch.bincount(y, minlength=dm.vocab_size).double()
+    p /= p.sum()
+    n_out = net.hidden_targets.shape[1]
+    for unit, ctx, head in zip((net.block, net.radial), (inputs["block"], inputs["radial"]), net.heads(inputs["position"])):
+        K = unit.n_features
+        E = unit.embedding.weight.double()
+        X = E[ctx]  # [B, K, D], nothing folded
+        Q = torch.einsum("bd,bkd->bk", X[torch.arange(len(y)), head], X)
+        lead = torch.log(E[y]) - (p @ torch.log(E)) + 2 * (1 + 1 / K) * math.log(n_out)  # section 2.4, V-hat
+        V = torch.einsum("bd,bkd->bk", lead, X)
+        W_ref, _ = explicit_solution(Q.T @ V, math.log(K), 1e-3)
+        assert torch.allclose(unit.W.double(), W_ref, atol=1e-4), float((unit.W.double() - W_ref).abs().max())

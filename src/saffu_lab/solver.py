@@ -192,15 +192,26 @@ class ExplicitSolver:
 
     # --- one SAFFU's features, with the padded tail folded into one column ---------------
     @staticmethod
-    def _quadratic_features(ctx, head, gram) -> torch.Tensor:
+    def _fold(ctx, real_cols: int | None, gather: Callable) -> torch.Tensor:
+        """``gather(ids [B, k]) -> [B, k]`` for every column of ``ctx`` [B, K], computed for the first
+        ``real_cols`` columns and once for the <pad> that fills the rest (then broadcast)."""
+        K = ctx.shape[1]
+        if real_cols is None or real_cols >= K:
+            return gather(ctx)
+        tail = gather(ctx[:, real_cols:real_cols + 1])  # [B, 1]
+        return torch.cat([gather(ctx[:, :real_cols]), tail.expand(-1, K - real_cols)], 1)
+
+    @staticmethod
+    def _quadratic_features(ctx, head, gram, real_cols: int | None = None) -> torch.Tensor:
         """Q[m, k] = G[x_{m,h}, x_{m,k}], gathered from the Gram matrix G = E E^T  ->  [B, K]."""
-        return gram[ctx[torch.arange(ctx.shape[0]), head][:, None], ctx]
+        head_ids = ctx[torch.arange(ctx.shape[0]), head][:, None]
+        return ExplicitSolver._fold(ctx, real_cols, lambda ids: gram[head_ids, ids])
 
     @staticmethod
     def _features(unit: SAFFU, ctx, head, gram, pad_id: int, real_cols: int | None):
         """Q [B, K] (gathered from G = E E^T), X [B, L, D] of the first L = ``real_cols`` columns,
         and the embedding of the <pad> that fills columns L..K-1 (None when L = K)."""
-        Q = ExplicitSolver._quadratic_features(ctx, head, gram)
+        Q = ExplicitSolver._quadratic_features(ctx, head, gram, real_cols)
         if real_cols is None or real_cols >= ctx.shape[1]:
             return Q, unit.embedding(ctx), None
         return Q, unit.embedding(ctx[:, :real_cols]), unit.embedding.weight[pad_id]
@@ -221,16 +232,59 @@ class ExplicitSolver:
             head_part = torch.cat([head_part, (lead @ e_tail)[:, None].expand(-1, K - X.shape[1])], 1)
         return head_part + c * ExplicitSolver._row_sums(X, e_tail, K)
 
-    def _decoder_inputs(self, net, inputs, gram) -> torch.Tensor:
-        """``net.decoder_inputs`` computed with the padded tail folded (same values, less work)."""
+    def _decoder_inputs(self, net, inputs, gram, tables: dict | None = None) -> torch.Tensor:
+        """``net.decoder_inputs`` computed with the padded tail folded (same values, less work);
+        cat units with a ``tables`` entry (``_cat_tables``) decode by gathering, not by a product."""
         parts = []
         L = int(inputs["position"].max())
         for unit, ctx, head, cols in self._units(net, inputs, L):
-            Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
-            parts.append(torch.softmax(unit.decode(unit.attention(Q), X, e_tail), -1))
+            if unit.aggregation == "sum":
+                a = unit.attention(self._quadratic_features(ctx, head, gram[id(unit)], cols))
+                logits = unit.decode_hidden(self._bagged_sum(unit, a, ctx, cols, net.pad_id))
+            elif tables and id(unit) in tables:
+                a = unit.attention(self._quadratic_features(ctx, head, gram[id(unit)], cols))
+                logits = self._gathered_cat_decode(tables[id(unit)], a, ctx, cols, net.pad_id)
+            else:
+                Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
+                logits = unit.decode(unit.attention(Q), X, e_tail)
+            parts.append(torch.softmax(logits, -1))
         if net.document is not None:
             parts.append(torch.softmax(net.document(inputs["prefix"], inputs["prefix_len"]), -1))
         return torch.cat(parts, -1)
+
+    @staticmethod
+    def _bagged_sum(unit: SAFFU, a, ctx, real_cols: int | None, pad_id: int) -> torch.Tensor:
+        """Sum aggregation H = sum_k a_k E[x_k]  ->  [B, D], as one weighted ``embedding_bag``
+        (no [B, K, D] features); columns from ``real_cols`` on all hold <pad> and are folded."""
+        K = ctx.shape[1]
+        L = K if real_cols is None else min(real_cols, K)
+        E = unit.embedding.weight
+        H = torch.nn.functional.embedding_bag(ctx[:, :L], E, per_sample_weights=a[:, :L], mode="sum")
+        if L < K:
+            H = H + a[:, L:].sum(1, keepdim=True) * E[pad_id]
+        return H
+
+    @staticmethod
+    def _cat_tables(unit: SAFFU) -> torch.Tensor:
+        """T_k = E U_k for every feature k, stacked [K, N, out]. With cat aggregation
+        H U = sum_k a_k E[x_k] U_k = sum_k a_k T_k[x_k]: one gathered row per feature instead
+        of a [B, K D] x [K D, out] product (valid while E and U stay fixed, as in a solve)."""
+        K, D = unit.n_features, unit.embedding.embedding_dim
+        U = unit.decoder_matrix().reshape(K, D, -1)
+        return torch.einsum("nd,kdo->kno", unit.embedding.weight, U).contiguous()
+
+    @staticmethod
+    def _gathered_cat_decode(tables: torch.Tensor, a, ctx, real_cols: int | None, pad_id: int) -> torch.Tensor:
+        """Cat decoder logits sum_k a_k T_k[x_k] (``_cat_tables``) as one weighted ``embedding_bag``
+        over the flattened tables; columns from ``real_cols`` on all hold <pad> and are folded."""
+        K, N, out = tables.shape
+        L = K if real_cols is None else min(real_cols, K)
+        flat_ids = ctx[:, :L] + N * torch.arange(L)  # row of T_k[x] in the [K N, out] view
+        logits = torch.nn.functional.embedding_bag(flat_ids, tables.view(-1, out), per_sample_weights=a[:, :L],
+                                                   mode="sum")
+        if L < K:  # the folded tail: sum_{k >= L} a_k T_k[<pad>]
+            logits = logits + a[:, L:] @ tables[L:, pad_id]
+        return logits
 
     @staticmethod
     def _units(net, inputs, L):
@@ -264,8 +318,9 @@ class ExplicitSolver:
                 K = unit.n_features
                 c = 2 * (1 + 1 / K) * math.log(n_out)
                 if startup:
-                    Q = self._quadratic_features(ctx, head, gram[id(unit)])
-                    V = v_hat_A[key][targets[:, None], ctx] - v_hat_b[key][ctx] + c * e_norm[key][ctx]
+                    Q = self._quadratic_features(ctx, head, gram[id(unit)], cols)
+                    A, b, n = v_hat_A[key], v_hat_b[key], e_norm[key]
+                    V = self._fold(ctx, cols, lambda ids: A[targets[:, None], ids] - b[ids] + c * n[ids])
                 else:
                     Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
                     lead = self._variational_lead(unit, Q, X, e_tail, net.hidden_targets[targets])
@@ -273,7 +328,7 @@ class ExplicitSolver:
                         V = self._dot_features(lead, X, e_tail, K, c)
                     else:  # cat: lead is already (X_k U_k) . (y~ - y_hat)
                         V = lead + c * self._row_sums(X, e_tail, K)
-                F[key] += Q.double().T @ V.double()  # eq. 2: F(Q, V) = Q^T V
+                self._add_cooccurrences(F[key], Q, V, cols)  # eq. 2: F(Q, V) += Q^T V
                 q_norm[key] += float(Q.sum())
         for key, (unit, _) in units.items():
             total = self.all_reduce(F[key])
@@ -283,6 +338,20 @@ class ExplicitSolver:
             self._set(unit.W, W, f"{key}_W", report, bad)
             report.priming[f"{key}_W"] = K_W
         report.passes += 1
+
+    @staticmethod
+    def _add_cooccurrences(F: torch.Tensor, Q, V, real_cols: int | None) -> None:
+        """F += Q^T V (eq. 2) in float64, for [B, K] features whose columns from ``real_cols`` on
+        repeat one value per row (the folded <pad> tail): the repeated block is one outer sum."""
+        K = Q.shape[1]
+        L = K if real_cols is None else min(real_cols, K)
+        Q_L, V_L = Q[:, :L].double(), V[:, :L].double()
+        F[:L, :L] += Q_L.T @ V_L
+        if L < K:
+            q, v = Q[:, L].double(), V[:, L].double()  # the tail column, one value per row
+            F[:L, L:] += (Q_L.T @ v)[:, None]
+            F[L:, :L] += (q @ V_L)[None, :]
+            F[L:, L:] += q @ v
 
     def _variational_lead(self, unit: SAFFU, Q, X, e_tail, y_tilde) -> torch.Tensor:
         """Section 2.4: V[m,k] = (U_k y~_m - U_k softmax(H_m U) + c) . X[m,k].
@@ -305,15 +374,15 @@ class ExplicitSolver:
     # --- eq. 5: SAFFU decoders (and the document model) --------------------------------
     def solve_decoders(self, net, data, rows, report: SolveReport, stage: str):
         """Eq. 5 for each SAFFU: U = Sol(F(H, Y~), K log K), F(H, Y~) = H^T Y~ = S^T Y~ with S the sum
-        of H per target token. The folded <pad> tail of block contexts is summed apart, as
-        T[token, k] = sum of a_k over the token's targets, and enters F in closed form:
-        sum: (T 1)^T Y~ e_pad outer;  cat: column block k gets e_pad (T[:, k]^T Y~)."""
+        of H per target token (Y~ is sparse: a D_H-bit cipher code has a few bits per row, so the
+        product is a sparse-dense one). With cat aggregation the folded <pad> tail of block
+        contexts is summed apart, as T[token, k] = sum of a_k over the token's targets, and
+        column block k of F gets e_pad (T[:, k]^T Y~) in closed form."""
         N = net.vocab_size
         units = {"block": net.block, "radial": net.radial}
         # float64 sums: the solution must not depend on how the data is split across processes
         S = {k: torch.zeros(N, u.hidden_dim, dtype=torch.float64) for k, u in units.items()}
-        T = {k: torch.zeros(N, u.n_features, dtype=torch.float64) for k, u in units.items()}  # tail attention
-        e_pad = {k: u.embedding.weight[net.pad_id].double() for k, u in units.items()}
+        T = {k: torch.zeros(N, u.n_features, dtype=torch.float64) for k, u in units.items() if u.aggregation == "cat"}
         h_norm = {k: torch.zeros((), dtype=torch.float64) for k in S}
         doc = net.document
         if doc is not None:
@@ -323,12 +392,17 @@ class ExplicitSolver:
         for inputs, targets in self._batches(data, rows, f"{stage}: decoders"):
             L = int(inputs["position"].max())
             for key, (unit, ctx, head, cols) in zip(units, self._units(net, inputs, L)):
+                if unit.aggregation == "sum":  # the tail folds into H itself
+                    a = unit.attention(self._quadratic_features(ctx, head, gram[id(unit)], cols))
+                    H = self._bagged_sum(unit, a, ctx, cols, net.pad_id)
+                    S[key].index_add_(0, targets, H.double())  # sum of H per target token
+                    h_norm[key] += float(H.sum())
+                    continue
                 Q, X, e_tail = self._features(unit, ctx, head, gram[id(unit)], net.pad_id, cols)
                 a = unit.attention(Q)
                 L_k = X.shape[1]
-                H = unit.aggregate(a, X)  # the first L_k columns only
-                width = H.shape[1]  # sum: D; cat: L_k D
-                S[key][:, :width].index_add_(0, targets, H.double())  # sum of H per target token
+                H = unit.aggregate(a, X)  # [B, L_k D]: the first L_k columns only
+                S[key][:, :H.shape[1]].index_add_(0, targets, H.double())
                 h_norm[key] += float(H.sum())
                 if e_tail is not None:
                     tail = torch.zeros_like(a)
@@ -340,14 +414,13 @@ class ExplicitSolver:
                 classes = inputs["document"] * net.n_document_classes // n_docs
                 S_doc.index_add_(0, classes, x.double())
         count = self._count
-        Y = net.hidden_targets.double()
+        Y_T = net.hidden_targets.double().T.to_sparse()  # Y~^T [D_H, N], a few non-zeros per column
         for key, unit in units.items():
-            F = self.all_reduce(S[key]).T @ Y  # F(H, Y~) = H^T Y~
-            TY = self.all_reduce(T[key]).T @ Y  # [K, D_H]: the folded tail's share
-            if unit.aggregation == "sum":
-                F += torch.outer(e_pad[key], TY.sum(0))
-            else:
-                F += (e_pad[key][None, :, None] * TY[:, None, :]).reshape(F.shape)
+            F = torch.sparse.mm(Y_T, self.all_reduce(S[key])).T  # F(H, Y~) = S^T Y~
+            if key in T:  # cat: the folded tail's share [K, D_H] goes to every column block
+                TY = torch.sparse.mm(Y_T, self.all_reduce(T[key])).T
+                e_pad = unit.embedding.weight[net.pad_id].double()
+                F = F + (e_pad[None, :, None] * TY[:, None, :]).reshape(F.shape)
             K_U = self._priming("U", unit, self.all_reduce(h_norm[key]), count)
             U, bad = explicit_solution(F, K_U, self.smoothing)
             unit.load_decoder(U)  # a structured U takes the least-squares projection of the solution
@@ -363,8 +436,9 @@ class ExplicitSolver:
         S = torch.zeros(net.vocab_size, net.final_dim, dtype=torch.float64)
         norm = torch.zeros((), dtype=torch.float64)
         gram = self._gram
+        tables = {id(u): self._cat_tables(u) for u in (net.block, net.radial) if u.aggregation == "cat"}
         for inputs, targets in self._batches(data, rows, f"{stage}: final layer"):
-            hidden = self._decoder_inputs(net, inputs, gram)
+            hidden = self._decoder_inputs(net, inputs, gram, tables)
             S.index_add_(0, targets, hidden.double())  # F(hidden, Y) with one-hot Y, by scatter
             norm += float(hidden.sum())
         parts = 3 if net.document is not None else 2

@@ -115,11 +115,15 @@ class SAFFU(nn.Module):
         the tail costs one [K-L, out] product per batch instead of a [B, (K-L) D] x [(K-L) D, out] one.
         """
         if self.aggregation == "sum" or e_tail is None or not isinstance(self.U, nn.Parameter):
-            return _apply(self.U, self.aggregate(a, X, e_tail))
+            return self.decode_hidden(self.aggregate(a, X, e_tail))
         L, D = X.shape[1], X.shape[2]
         U = self.U.view(self.n_features, D, -1)
         head = (a[:, :L, None] * X).flatten(1) @ U[:L].reshape(L * D, -1)
         return head + a[:, L:] @ torch.einsum("d,kdo->ko", e_tail, U[L:])
+
+    def decode_hidden(self, H: torch.Tensor) -> torch.Tensor:
+        """H U for an aggregated H [B, hidden_dim] (dense or structured U)."""
+        return _apply(self.U, H)
 
     def context_features(self, ctx: torch.Tensor, head: torch.Tensor, real_cols: int | None = None):
         """Q [B, K], X [B, L, D] and e_tail: X holds the first L = ``real_cols`` columns when every
