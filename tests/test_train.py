@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, TINY_DATA, TINY_SAFFU, read_metrics, run_train
 from saffu_lab.wandb_offline import history, tables
@@ -29,6 +30,7 @@ def test_run_writes_metrics_json(trained_run):
         assert key in m, key
     assert all(math.isfinite(m[k]) for k in ("val/ppl", "test/ppl"))
     assert m["epochs"] == 3 and m["world_size"] == 1 and not m["interrupted"]
+    assert m["flush_denormal"] == torch.set_flush_denormal(False)  # on wherever the CPU supports it (the default)
     assert m["tokens_seen"] >= 3 * m["data/train_tokens"] * 0.99
     # the baseline learns the grammar: well below the unigram perplexity of the same data
     assert m["test/ppl"] < 0.5 * m["unigram/test_ppl"], (m["test/ppl"], m["unigram/test_ppl"])

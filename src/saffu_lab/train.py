@@ -78,6 +78,7 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         torch.set_num_threads(threads)  # a later job in this process starts from the default again
+        torch.set_flush_denormal(False)  # and with torch's default float handling
     _finish_wandb(exit_code=0)
     return metrics
 
@@ -97,6 +98,7 @@ def _run(cfg: DictConfig) -> dict:
     write_resolved_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    flush_denormal = torch.set_flush_denormal(bool(cfg.get("flush_denormal")))  # False where the CPU cannot
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("logger") and cfg.logger.get("offline", True):
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -146,6 +148,7 @@ def _run(cfg: DictConfig) -> dict:
     }
     metrics["time/total_s"] = time.perf_counter() - start
     metrics["threads"] = torch.get_num_threads()
+    metrics["flush_denormal"] = flush_denormal
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
