@@ -3,6 +3,7 @@ solved transformer against unigram and random baselines, the (r, b) grid, determ
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -221,14 +222,17 @@ def test_ddp_solve_equals_single_process(synthetic, tmp_path):
         assert torch.allclose(p, ddp[name], rtol=1e-5, atol=1e-6), name
 
 
-def test_solver_fast_path_equals_the_model(synthetic):
+@pytest.mark.parametrize("structure", [None, "lowrank"])
+def test_solver_fast_path_equals_the_model(synthetic, structure):
     """The solver folds the padded tail of block contexts, and decodes cat units by gathering
-    from T_k = E U_k; its SAFFU outputs equal the model's."""
+    from T_k = E U_k (merged, if U is structured); its SAFFU outputs equal the model's."""
     dm = synthetic()
     for block_agg, radial_agg in (("sum", "cat"), ("cat", "sum"), ("cat", "cat")):
-        net = build(dm, block_aggregation=block_agg, radial_aggregation=radial_agg)
+        net = build(dm, block_aggregation=block_agg, radial_aggregation=radial_agg,
+                    decoder_structure={"structure": structure, "rank": 8} if structure else None)
         solver = ExplicitSolver(batch_size=256, progress=False)
         solver.solve(net, dm.datasets["train"])  # non-trivial W, U
+        net.double()  # float64: the paths add in different orders, and must agree to rounding
         rows = torch.arange(len(dm.datasets["dev"]))
         units = (net.block, net.radial)
         gram = {id(u): u.embedding.weight @ u.embedding.weight.T for u in units}
@@ -236,9 +240,21 @@ def test_solver_fast_path_equals_the_model(synthetic):
         with torch.no_grad():
             for inputs, _ in solver._batches(dm.datasets["dev"], rows, "check"):
                 expected = net.decoder_inputs(inputs)
-                assert torch.allclose(solver._decoder_inputs(net, inputs, gram), expected, atol=1e-5)
-                # gathered rows add in another order: float32 logits up to ~150 agree to ~1e-5
-                assert torch.allclose(solver._decoder_inputs(net, inputs, gram, tables), expected, rtol=1e-4, atol=1e-5)
+                assert torch.allclose(solver._decoder_inputs(net, inputs, gram), expected, rtol=1e-9, atol=1e-12)
+                assert torch.allclose(solver._decoder_inputs(net, inputs, gram, tables), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_cat_tables_over_the_budget_fall_back_to_the_product(synthetic):
+    """``max_table_gib`` only chooses how the final pass decodes cat units: M is the same either way."""
+    dm = synthetic()
+    solved = {}
+    for gib in (4.0, 0.0):
+        net = build(dm, block_aggregation="cat")
+        ExplicitSolver(tuning_iterations=0, batch_size=256, progress=False, max_table_gib=gib).solve(net, dm.datasets["train"])
+        solved[gib] = net.M.detach()
+    assert torch.allclose(solved[4.0], solved[0.0], atol=1e-4)
+    with pytest.raises(ValueError, match="max_table_gib=-1"):
+        ExplicitSolver(max_table_gib=-1)
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "cat"])
@@ -345,3 +361,37 @@ def test_attention_solution_equals_eq6_on_the_unfolded_features(synthetic):
         V = torch.einsum("bd,bkd->bk", lead, X)
         W_ref, _ = explicit_solution(Q.T @ V, math.log(K), 1e-3)
         assert torch.allclose(unit.W.double(), W_ref, atol=1e-4), float((unit.W.double() - W_ref).abs().max())
+
+
+@pytest.mark.parametrize("block_aggregation", ["sum", "cat"])
+def test_tuning_attention_equals_eq6_on_the_unfolded_features(synthetic, block_aggregation):
+    """A tuning pass's W (eq. 6 with the variational V of section 2.4, read from the start-up U and W)
+    must equal eq. 6 from every target's full Q and V. With cat aggregation V's padded tail differs by
+    k (V[m, k] reads U_k), so it must not be folded like Q's."""
+    dm = synthetic()
+    train = dm.datasets["train"]
+    start = build(dm, block_aggregation=block_aggregation)
+    tuned = copy.deepcopy(start)
+    ExplicitSolver(tuning_iterations=0, batch_size=300, progress=False).solve(start, train)
+    ExplicitSolver(tuning_iterations=1, batch_size=300, progress=False).solve(tuned, train)
+    inputs, y = train.collate(torch.arange(len(train)))
+    y_tilde = start.hidden_targets[y].double()
+    n_out = y_tilde.shape[1]
+    units = zip((start.block, start.radial), (tuned.block, tuned.radial), (inputs["block"], inputs["radial"]),
+                start.heads(inputs["position"]))
+    for unit, tuned_unit, ctx, head in units:
+        K = unit.n_features
+        with torch.no_grad():
+            X = unit.embedding(ctx).double()  # [B, K, D], nothing folded
+            Q = torch.einsum("bd,bkd->bk", X[torch.arange(len(y)), head], X)
+            U = unit.decoder_matrix().double()
+            y_hat = torch.softmax(unit.hidden(ctx, head).double() @ U, -1)
+        c = 2 * (1 + 1 / K) * math.log(n_out)
+        if unit.aggregation == "sum":  # V[m, k] = (U (y~ - y_hat) + c) . X[m, k]
+            V = torch.einsum("bd,bkd->bk", (y_tilde - y_hat) @ U.T, X)
+        else:  # V[m, k] = (X[m, k] U_k) . (y~ - y_hat) + c |X[m, k]|_1
+            V = torch.einsum("bkd,kdh,bh->bk", X, U.reshape(K, X.shape[2], -1), y_tilde - y_hat)
+        V = V + c * X.sum(-1)
+        W_ref, _ = explicit_solution(Q.T @ V, math.log(K), 1e-3)
+        W = tuned_unit.W.double()
+        assert torch.allclose(W, W_ref, atol=1e-4), float((W - W_ref).abs().max())

@@ -115,11 +115,13 @@ class ExplicitSolver:
         smoothing: added to co-occurrences, relative to their mean positive value.
         priming: "paper" (K_W = log K, K_U = K log K, K_M = parts) or "mean_norm" (the mean
             1-norm of each layer's inputs, section 2.2).
+        max_table_gib: a cat decoder is gathered from the tables T_k = E U_k in the final pass
+            when they fit in this many GiB (K N D_H floats); larger ones use the direct product.
         all_reduce: sums across processes; default: ``torch.distributed`` when initialised.
     """
 
     def __init__(self, fold_tokens: int = 1_000_000, tuning_iterations: int = 1, batch_size: int = 1024,
-                 smoothing: float = 1e-3, priming: str = "paper", progress: bool = True,
+                 smoothing: float = 1e-3, priming: str = "paper", progress: bool = True, max_table_gib: float = 4.0,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if fold_tokens < 1:
             raise ValueError(f"solver.fold_tokens={fold_tokens} must be >= 1")
@@ -129,10 +131,12 @@ class ExplicitSolver:
             raise ValueError(f"solver.batch_size={batch_size} must be >= 1")
         if not smoothing > 0:
             raise ValueError(f"solver.smoothing={smoothing} must be > 0 (it keeps log F finite)")
+        if not max_table_gib >= 0:
+            raise ValueError(f"solver.max_table_gib={max_table_gib} must be >= 0 (0: never gather cat decoders)")
         if priming not in PRIMINGS:
             raise ValueError(f"solver.priming={priming!r} is not one of {PRIMINGS}")
         self.fold_tokens, self.tuning_iterations, self.batch_size = fold_tokens, tuning_iterations, batch_size
-        self.smoothing, self.priming, self.progress = smoothing, priming, progress
+        self.smoothing, self.priming, self.progress, self.max_table_gib = smoothing, priming, progress, max_table_gib
         self.all_reduce = all_reduce or _all_reduce
 
     # --- driver --------------------------------------------------------------------------
@@ -270,8 +274,16 @@ class ExplicitSolver:
         H U = sum_k a_k E[x_k] U_k = sum_k a_k T_k[x_k]: one gathered row per feature instead
         of a [B, K D] x [K D, out] product (valid while E and U stay fixed, as in a solve)."""
         K, D = unit.n_features, unit.embedding.embedding_dim
-        U = unit.decoder_matrix().reshape(K, D, -1)
-        return torch.einsum("nd,kdo->kno", unit.embedding.weight, U).contiguous()
+        U = unit.decoder_matrix().detach().reshape(K, D, -1)
+        E = unit.embedding.weight.detach()
+        tables = torch.empty(K, E.shape[0], U.shape[2], dtype=E.dtype)
+        for k in range(K):  # K products written in place: no second [K, N, out] temporary
+            torch.mm(E, U[k], out=tables[k])
+        return tables
+
+    @staticmethod
+    def _table_bytes(unit: SAFFU) -> int:
+        return unit.n_features * unit.embedding.num_embeddings * unit.decoder_matrix().shape[1] * 4
 
     @staticmethod
     def _gathered_cat_decode(tables: torch.Tensor, a, ctx, real_cols: int | None, pad_id: int) -> torch.Tensor:
@@ -341,17 +353,16 @@ class ExplicitSolver:
 
     @staticmethod
     def _add_cooccurrences(F: torch.Tensor, Q, V, real_cols: int | None) -> None:
-        """F += Q^T V (eq. 2) in float64, for [B, K] features whose columns from ``real_cols`` on
-        repeat one value per row (the folded <pad> tail): the repeated block is one outer sum."""
+        """F += Q^T V (eq. 2) in float64, for [B, K] features whose Q columns from ``real_cols`` on
+        repeat one value per row (the folded <pad> tail: Q[m, k] = G[x_{m,h}, <pad>]); those rows of
+        F get one outer product. V's tail is not assumed to repeat (in a cat tuning pass V[m, k]
+        reads U_k, so it differs by k)."""
         K = Q.shape[1]
         L = K if real_cols is None else min(real_cols, K)
-        Q_L, V_L = Q[:, :L].double(), V[:, :L].double()
-        F[:L, :L] += Q_L.T @ V_L
+        V = V.double()
+        F[:L] += Q[:, :L].double().T @ V
         if L < K:
-            q, v = Q[:, L].double(), V[:, L].double()  # the tail column, one value per row
-            F[:L, L:] += (Q_L.T @ v)[:, None]
-            F[L:, :L] += (q @ V_L)[None, :]
-            F[L:, L:] += q @ v
+            F[L:] += (Q[:, L].double() @ V)[None, :]  # every tail row of Q^T V is q^T V
 
     def _variational_lead(self, unit: SAFFU, Q, X, e_tail, y_tilde) -> torch.Tensor:
         """Section 2.4: V[m,k] = (U_k y~_m - U_k softmax(H_m U) + c) . X[m,k].
@@ -436,7 +447,8 @@ class ExplicitSolver:
         S = torch.zeros(net.vocab_size, net.final_dim, dtype=torch.float64)
         norm = torch.zeros((), dtype=torch.float64)
         gram = self._gram
-        tables = {id(u): self._cat_tables(u) for u in (net.block, net.radial) if u.aggregation == "cat"}
+        tables = {id(u): self._cat_tables(u) for u in (net.block, net.radial)  # else: the [K D, out] product
+                  if u.aggregation == "cat" and self._table_bytes(u) <= self.max_table_gib * 2**30}
         for inputs, targets in self._batches(data, rows, f"{stage}: final layer"):
             hidden = self._decoder_inputs(net, inputs, gram, tables)
             S.index_add_(0, targets, hidden.double())  # F(hidden, Y) with one-hot Y, by scatter

@@ -68,6 +68,25 @@ def write_resolved_config(cfg: DictConfig) -> None:
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
+_FLUSH_DENORMAL: dict = {}  # this process's setting: {"requested": bool, "on": bool}
+
+
+def set_flush_denormal(requested: bool) -> bool:
+    """Flush subnormal floats to zero on the CPU (``flush_denormal``); returns whether it is on.
+
+    The CPU keeps this mode per thread and torch's worker threads copy it from the main thread
+    when they start, so it is set once per process, at its first job (before any torch work); a
+    later job of the same process (a sweep worker) must ask for the same, or it is refused.
+    """
+    if not _FLUSH_DENORMAL:
+        supported = torch.set_flush_denormal(requested)  # False where the CPU cannot
+        _FLUSH_DENORMAL.update(requested=requested, on=requested and supported)
+    elif _FLUSH_DENORMAL["requested"] != requested:
+        raise ConfigError(f"flush_denormal={requested}, but this process already runs with flush_denormal="
+                          f"{_FLUSH_DENORMAL['requested']} (set once per process); run it in a process of its own")
+    return _FLUSH_DENORMAL["on"]
+
+
 def run(cfg: DictConfig) -> dict:
     """Train, validate and test; return (and write) the metrics of the run."""
     threads = torch.get_num_threads()
@@ -78,7 +97,6 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         torch.set_num_threads(threads)  # a later job in this process starts from the default again
-        torch.set_flush_denormal(False)  # and with torch's default float handling
     _finish_wandb(exit_code=0)
     return metrics
 
@@ -98,7 +116,7 @@ def _run(cfg: DictConfig) -> dict:
     write_resolved_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    flush_denormal = torch.set_flush_denormal(bool(cfg.get("flush_denormal")))  # False where the CPU cannot
+    flush_denormal = set_flush_denormal(bool(cfg.get("flush_denormal")))
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("logger") and cfg.logger.get("offline", True):
         os.environ.setdefault("WANDB_MODE", "offline")

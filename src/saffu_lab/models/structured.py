@@ -82,11 +82,13 @@ class _Structured(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The dense [out, in] matrix W with layer(x) = x W^T (+ bias)."""
-        return self.structured(torch.eye(self.in_features, device=next(self.parameters()).device)).T.contiguous()
+        factor = next(self.parameters())
+        return self.structured(torch.eye(self.in_features, device=factor.device, dtype=factor.dtype)).T.contiguous()
 
     def premerged_weight(self) -> torch.Tensor:
-        """``merged_weight()``, cached until a factor changes (in-place updates bump ``_version``)."""
-        version = tuple(p._version for p in self.parameters())
+        """``merged_weight()``, cached until a factor changes: in-place updates bump ``_version``, and
+        ``.to(dtype or device)`` swaps the storage (``data_ptr``)."""
+        version = tuple((p._version, p.data_ptr()) for p in self.parameters())
         if self._merged is None or version != self._merged_version:
             self._merged, self._merged_version = self.merged_weight(), version
         return self._merged
