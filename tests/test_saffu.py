@@ -244,15 +244,27 @@ def test_solver_fast_path_equals_the_model(synthetic, structure):
                 assert torch.allclose(solver._decoder_inputs(net, inputs, gram, tables), expected, rtol=1e-9, atol=1e-12)
 
 
-def test_cat_tables_over_the_budget_fall_back_to_the_product(synthetic):
-    """``max_table_gib`` only chooses how the final pass decodes cat units: M is the same either way."""
+def test_cat_tables_share_one_budget_and_beyond_it_fall_back_to_the_product(synthetic, monkeypatch):
+    """``max_table_gib`` bounds the tables of all cat units together (bytes of their dtype) and
+    only chooses how the final pass decodes them: M is the same with tables for both units,
+    for the block unit only (the radial's would exceed what is left), or for none."""
     dm = synthetic()
+    built = []
+    make_tables = ExplicitSolver._cat_tables
+    monkeypatch.setattr(ExplicitSolver, "_cat_tables", staticmethod(lambda unit: built.append(unit) or make_tables(unit)))
     solved = {}
-    for gib in (4.0, 0.0):
-        net = build(dm, block_aggregation="cat")
-        ExplicitSolver(tuning_iterations=0, batch_size=256, progress=False, max_table_gib=gib).solve(net, dm.datasets["train"])
-        solved[gib] = net.M.detach()
-    assert torch.allclose(solved[4.0], solved[0.0], atol=1e-4)
+    for case in ("both", "block only", "none"):
+        net = build(dm, block_aggregation="cat").double()
+        block_bytes, radial_bytes = (ExplicitSolver._table_bytes(u) for u in (net.block, net.radial))
+        assert block_bytes == net.block.n_features * net.vocab_size * 64 * 8  # K N D_H float64 values
+        budget = {"both": block_bytes + radial_bytes, "block only": block_bytes + radial_bytes - 1, "none": 0}[case]
+        built.clear()
+        ExplicitSolver(tuning_iterations=0, batch_size=256, progress=False,
+                       max_table_gib=budget / 2**30).solve(net, dm.datasets["train"])
+        assert built == {"both": [net.block, net.radial], "block only": [net.block], "none": []}[case]
+        solved[case] = net.M.detach()
+    assert torch.allclose(solved["both"], solved["none"], rtol=1e-9, atol=1e-9)
+    assert torch.allclose(solved["block only"], solved["none"], rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="max_table_gib=-1"):
         ExplicitSolver(max_table_gib=-1)
 

@@ -130,6 +130,17 @@ def test_warm_start_ends_below_cold_start(saffu_runs):
     assert warm["test/ppl"] <= warm["explicit/val_ppl"] * 1.05  # backprop did not undo the solve
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (trainer=gpu)")
+def test_warm_start_on_a_gpu_solves_as_on_the_cpu(saffu_runs, tmp_path, cache_dir):
+    """The explicit solve runs on the CPU whatever the trainer's device; the model then trains on the GPU."""
+    data = [o for o in TINY_SAFFU if not o.startswith("data.corpus.train_words")] + ["data.corpus.train_words=12000"]
+    run_train(data + ["regime=warm", "trainer=gpu", "trainer.max_epochs=2", "logger=csv"], tmp_path / "gpu", cache_dir)
+    gpu, cpu = read_metrics(tmp_path / "gpu"), saffu_runs["warm"]
+    assert gpu["explicit/val_ppl"] == pytest.approx(cpu["explicit/val_ppl"], rel=1e-3)
+    assert gpu["global_step"] == cpu["global_step"] and math.isfinite(gpu["test/ppl"])
+    assert gpu["test/ppl"] <= gpu["explicit/val_ppl"] * 1.05
+
+
 def test_self_guided_run_drops_its_guides_half_way(tmp_path, cache_dir):
     overrides = TINY + ["ffn=lowrank", "ffn.param_ratio=0.25", "logger=csv"]
     run_train(overrides + ["regime=cold"], tmp_path / "plain", cache_dir)

@@ -150,7 +150,10 @@ class ExplicitSolveCallback(pl.Callback):
             return
         self.solver.progress = self.solver.progress and trainer.is_global_zero
         start = time.perf_counter()
+        device = pl_module.device
+        net.cpu()  # the solver streams CPU-held data into float64 CPU sums; the model returns to its device after
         report = self.solver.solve(net, trainer.datamodule.datasets["train"], rank=trainer.global_rank, world_size=trainer.world_size)
+        net.to(device)
         self.metrics = report.metrics()
         self.metrics["explicit/wall_s"] = time.perf_counter() - start
         self.metrics["explicit/val_ppl"] = evaluate_perplexity(pl_module, trainer.datamodule.val_dataloader())

@@ -81,8 +81,15 @@ def embedding_products(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` (a CPU tensor) across processes in place; NCCL reduces CUDA tensors only, so
+    under it the sum travels through the process's GPU."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl":
+            on_gpu = t.to(f"cuda:{torch.cuda.current_device()}")
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu)
+        else:
+            dist.all_reduce(t)
     return t
 
 
@@ -115,8 +122,9 @@ class ExplicitSolver:
         smoothing: added to co-occurrences, relative to their mean positive value.
         priming: "paper" (K_W = log K, K_U = K log K, K_M = parts) or "mean_norm" (the mean
             1-norm of each layer's inputs, section 2.2).
-        max_table_gib: a cat decoder is gathered from the tables T_k = E U_k in the final pass
-            when they fit in this many GiB (K N D_H floats); larger ones use the direct product.
+        max_table_gib: cat decoders are gathered from the tables T_k = E U_k in the final pass
+            while all tables together fit in this many GiB (K N D_H values per unit); a unit
+            whose tables would not fit uses the direct product.
         all_reduce: sums across processes; default: ``torch.distributed`` when initialised.
     """
 
@@ -276,14 +284,24 @@ class ExplicitSolver:
         K, D = unit.n_features, unit.embedding.embedding_dim
         U = unit.decoder_matrix().detach().reshape(K, D, -1)
         E = unit.embedding.weight.detach()
-        tables = torch.empty(K, E.shape[0], U.shape[2], dtype=E.dtype)
+        tables = torch.empty(K, E.shape[0], U.shape[2], dtype=E.dtype, device=E.device)
         for k in range(K):  # K products written in place: no second [K, N, out] temporary
             torch.mm(E, U[k], out=tables[k])
         return tables
 
     @staticmethod
     def _table_bytes(unit: SAFFU) -> int:
-        return unit.n_features * unit.embedding.num_embeddings * unit.decoder_matrix().shape[1] * 4
+        return unit.n_features * unit.embedding.num_embeddings * unit.out_dim * unit.embedding.weight.element_size()
+
+    def _tables_within_budget(self, net) -> dict:
+        """``_cat_tables`` of each cat unit, while all of them together fit in ``max_table_gib``
+        (a unit beyond the budget decodes by the direct [K D, out] product instead)."""
+        tables, budget = {}, self.max_table_gib * 2**30
+        for unit in (net.block, net.radial):
+            if unit.aggregation == "cat" and self._table_bytes(unit) <= budget:
+                tables[id(unit)] = self._cat_tables(unit)
+                budget -= self._table_bytes(unit)
+        return tables
 
     @staticmethod
     def _gathered_cat_decode(tables: torch.Tensor, a, ctx, real_cols: int | None, pad_id: int) -> torch.Tensor:
@@ -447,8 +465,7 @@ class ExplicitSolver:
         S = torch.zeros(net.vocab_size, net.final_dim, dtype=torch.float64)
         norm = torch.zeros((), dtype=torch.float64)
         gram = self._gram
-        tables = {id(u): self._cat_tables(u) for u in (net.block, net.radial)  # else: the [K D, out] product
-                  if u.aggregation == "cat" and self._table_bytes(u) <= self.max_table_gib * 2**30}
+        tables = self._tables_within_budget(net)
         for inputs, targets in self._batches(data, rows, f"{stage}: final layer"):
             hidden = self._decoder_inputs(net, inputs, gram, tables)
             S.index_add_(0, targets, hidden.double())  # F(hidden, Y) with one-hot Y, by scatter

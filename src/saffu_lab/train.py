@@ -83,7 +83,8 @@ def set_flush_denormal(requested: bool) -> bool:
         _FLUSH_DENORMAL.update(requested=requested, on=requested and supported)
     elif _FLUSH_DENORMAL["requested"] != requested:
         raise ConfigError(f"flush_denormal={requested}, but this process already runs with flush_denormal="
-                          f"{_FLUSH_DENORMAL['requested']} (set once per process); run it in a process of its own")
+                          f"{_FLUSH_DENORMAL['requested']} (set once per process): do not sweep flush_denormal within one "
+                          "multirun; launch one multirun (or run) per value")
     return _FLUSH_DENORMAL["on"]
 
 

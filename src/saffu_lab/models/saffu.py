@@ -82,6 +82,7 @@ class SAFFU(nn.Module):
         self.embedding, self.n_features, self.aggregation = embedding, n_features, aggregation
         dim = embedding.embedding_dim
         self.hidden_dim = dim if aggregation == "sum" else n_features * dim
+        self.out_dim = out_dim
         self.W = nn.Parameter(torch.randn(n_features, n_features) * init_std)
         # the decoder U: a dense parameter, or a structured map (``structure``) stored as ``U``
         self.U = _dense_or_structured(self.hidden_dim, out_dim, structure, init_std)
