@@ -34,6 +34,7 @@ def child(args) -> dict:
     from saffu_lab.solver import ExplicitSolver
     from saffu_lab.tokenizer import CountBPE
 
+    torch.set_flush_denormal(args.flush_denormal)  # as train.py does (flush_denormal, default true)
     torch.manual_seed(0)
     dm = LMDataModule(corpus=TextDirCorpus(path=args.data, cache_dir=str(ROOT / ".cache" / "hf")),
                       tokenizer=CountBPE(progress=False), cache_dir=str(ROOT / ".cache"),
@@ -83,6 +84,8 @@ def main() -> None:
     p.add_argument("--tuning", type=int, default=1, help="tuning iterations after the start-up")
     p.add_argument("--fold-tokens", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false",
+                   help="keep subnormal floats (train.py's flush_denormal=false)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,7 +112,8 @@ def main() -> None:
               f"{r['peak_rss_gib']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / peak:.1%} |")
     print(f"\nmodel: b={args.block_size} ({args.block_aggregation}), r={args.radius} ({args.radial_aggregation}), "
           f"D_b={args.block_dim}, D_r={args.radial_dim}, D_H={args.hidden_dim}, vocab {rows[-1]['vocab']}, "
-          f"{rows[-1]['params']:,} parameters; start-up + {args.tuning} tuning pass(es)")
+          f"{rows[-1]['params']:,} parameters; start-up + {args.tuning} tuning pass(es); "
+          f"flush_denormal={args.flush_denormal}")
     if args.out:
         Path(args.out).write_text(json.dumps({"matmul_flops_per_s": peak, "runs": rows, "args": vars(args)}, indent=2))
 
