@@ -111,7 +111,8 @@ def collect(sweep: Path) -> pd.DataFrame:
 
 
 def read_curves(frame: pd.DataFrame) -> pd.DataFrame:
-    """val/ppl by step for every job that logged one (the CSV logger's metrics.csv)."""
+    """val/ppl by step for every job that logged one (the CSV logger's metrics.csv); a warm run's
+    curve starts at its explicit solution (explicit/val_ppl, logged at step 0), as in figure 1."""
     parts = []
     for job, folder in zip(frame["job"], frame["folder"]):
         path = Path(folder) / "csv" / "metrics.csv"
@@ -120,6 +121,10 @@ def read_curves(frame: pd.DataFrame) -> pd.DataFrame:
         log = pd.read_csv(path)
         if "val/ppl" in log and log["val/ppl"].notna().any():
             curve = log.loc[log["val/ppl"].notna(), ["step", "val/ppl"]].rename(columns={"val/ppl": "dev_ppl"})
+            if "explicit/val_ppl" in log:  # only before a trained curve: an explicit-only run stays one point
+                solved = log.loc[log["explicit/val_ppl"].notna(), ["step", "explicit/val_ppl"]]
+                if len(solved) and (curve["step"] > solved["step"].max()).all():
+                    curve = pd.concat([solved.rename(columns={"explicit/val_ppl": "dev_ppl"}), curve])
             parts.append(curve.assign(job=job))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["step", "dev_ppl", "job"])
 
@@ -239,6 +244,13 @@ def plot_heatmaps(frame: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def curve_labels(frame: pd.DataFrame) -> dict[str, str]:
+    """Each job's overrides less those every job shares (the experiment, the data path)."""
+    words = {job: overrides.split() for job, overrides in zip(frame["job"], frame["overrides"])}
+    shared = set.intersection(*map(set, words.values())) if len(words) > 1 else set()
+    return {job: " ".join(w for w in ws if w not in shared) or job for job, ws in words.items()}
+
+
 def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path | None:
     curves = curves.groupby("job").filter(lambda c: len(c) > 1)  # explicit solves have a single point
     if curves.empty:
@@ -248,7 +260,7 @@ def plot_curves(frame: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path | 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = dict(zip(frame["job"], frame["overrides"]))
+    labels = curve_labels(frame[frame["job"].isin(curves["job"])])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for job, curve in curves.groupby("job", sort=False):
         ax.plot(curve["step"], curve["dev_ppl"], marker="o", markersize=3, label=labels.get(job, job)[:60])

@@ -105,6 +105,7 @@ def test_collector_on_the_sweep(ablation_sweep, tmp_path):
     assert "## block sum radial cat document" in text and text.count("| r = 8 | - |") == 2
     assert {p.name for p in tmp_path.glob("heatmap_*.png")} == {"heatmap_block_sum_radial_cat.png",
                                                                "heatmap_block_sum_radial_cat_document.png"}
+    assert not (tmp_path / "curves.png").exists()  # explicit solves have no learning curve
 
 
 # --- the collector and the notebook on a hand-made fixture ---------------------------------------
@@ -168,6 +169,21 @@ def test_collector_survives_jobs_without_config_or_dev_perplexity(fixture_sweep,
     tables = collect_results.grid_tables(collect_results.collect(fixture_sweep))
     assert not any(name.endswith("_document") for name in tables)  # no phantom table from the config-less job
     assert tables["block_sum_radial_cat"].loc["r = 2", "b = 8"] == "80.0, -"  # train kept, dev NaN
+
+
+def test_warm_curves_start_at_the_explicit_solution_and_labels_show_what_varies(tmp_path):
+    sweep = tmp_path / "sweep"
+    shared = {"experiment": "paper_warm_vs_cold", "data.path": "/corpus"}
+    for num, regime in enumerate(("warm", "cold")):
+        config = {"model": {"radius": 8, "block_size": 8}, "regime": {"regime": regime}}
+        _fake_job(sweep, num, {**shared, "regime": regime}, config, {"val/ppl": 50.0}, [(10, 60.0), (20, 50.0)])
+    log = sweep / "0" / "csv" / "metrics.csv"  # the warm run also logged its explicit solution at step 0
+    pd.concat([pd.DataFrame([{"step": 0, "explicit/val_ppl": 70.0}]), pd.read_csv(log)]).to_csv(log, index=False)
+    frame = collect_results.collect(sweep)
+    curves = collect_results.read_curves(frame)
+    assert curves[curves.job == "0"][["step", "dev_ppl"]].values.tolist() == [[0, 70.0], [10, 60.0], [20, 50.0]]
+    assert curves[curves.job == "1"]["step"].tolist() == [10, 20]
+    assert collect_results.curve_labels(frame) == {"0": "regime=warm", "1": "regime=cold"}
 
 
 def test_collector_refuses_a_folder_without_jobs(tmp_path, capsys):
