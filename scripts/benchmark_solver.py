@@ -2,6 +2,7 @@
 matmul peak, at several corpus sizes (to show that time grows linearly with tokens).
 
     python scripts/benchmark_solver.py --data ../shared/corpora/kjv --sizes 250000 500000 1000000
+    python scripts/benchmark_solver.py --model loglinear --sizes 1000000   # experiment=explicit_best
 
 Each size runs in a fresh process (so its peak RSS is its own): it solves the model twice,
 once timed and once under ``torch.utils.flop_counter.FlopCounterMode`` to count the matmul
@@ -30,8 +31,10 @@ def child(args) -> dict:
     from saffu_lab.data.corpus import TextDirCorpus
     from saffu_lab.data.datamodule import LMDataModule
     from saffu_lab.framing import BlockFraming
+    from saffu_lab.models.loglinear import LogLinearSAFFU
     from saffu_lab.models.saffu import SAFFUTransformer
     from saffu_lab.solver import ExplicitSolver
+    from saffu_lab.solver_loglinear import LogLinearSolver
     from saffu_lab.tokenizer import CountBPE
 
     torch.set_flush_denormal(args.flush_denormal)  # as train.py does (flush_denormal, default true)
@@ -41,17 +44,24 @@ def child(args) -> dict:
                       framing=BlockFraming(args.block_size, args.radius), train_tokens=args.child)
     dm.setup()
     train = dm.datasets["train"]
-    model = dict(block_size=args.block_size, radius=args.radius, block_dim=args.block_dim, radial_dim=args.radial_dim,
-                 hidden_dim=args.hidden_dim, block_aggregation=args.block_aggregation, radial_aggregation=args.radial_aggregation)
+    if args.model == "loglinear":  # the log-linear SAFFU of experiment=explicit_best
+        Model, model = LogLinearSAFFU, dict(block_size=args.block_size, radius=args.radius, block_dim=args.block_dim)
+        solver = LogLinearSolver(batch_size=args.batch_size, progress=False)
+    else:
+        Model = SAFFUTransformer
+        model = dict(block_size=args.block_size, radius=args.radius, block_dim=args.block_dim, radial_dim=args.radial_dim,
+                     hidden_dim=args.hidden_dim, block_aggregation=args.block_aggregation,
+                     radial_aggregation=args.radial_aggregation)
+        solver = ExplicitSolver(fold_tokens=args.fold_tokens, tuning_iterations=args.tuning, batch_size=args.batch_size,
+                                progress=False)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    net = SAFFUTransformer(**dm.model_kwargs(), **model)
-    solver = ExplicitSolver(fold_tokens=args.fold_tokens, tuning_iterations=args.tuning, batch_size=args.batch_size, progress=False)
+    net = Model(**dm.model_kwargs(), **model)
     start = time.perf_counter()
     report = solver.solve(net, train)
     seconds = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     with FlopCounterMode(display=False) as counter:
-        solver.solve(SAFFUTransformer(**dm.model_kwargs(), **model), train)
+        solver.solve(Model(**dm.model_kwargs(), **model), train)
     return {"tokens": len(train), "seconds": seconds, "tokens_per_s": len(train) / seconds, "peak_rss_gib": peak_gib,
             "rss_after_data_gib": rss_before / 2**20, "flops": counter.get_total_flops(), "stages_s": report.seconds,
             "params": sum(p.numel() for p in net.parameters()), "vocab": dm.vocab_size}
@@ -74,6 +84,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "corpora" / "kjv"), help="a BabyLM-layout folder")
     p.add_argument("--sizes", type=int, nargs="+", default=[250_000, 500_000, 1_000_000])
+    p.add_argument("--model", choices=["transformer", "loglinear"], default="transformer",
+                   help="the paper's SAFFU transformer, or the log-linear SAFFU (experiment=explicit_best)")
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--radius", type=int, default=8)
     p.add_argument("--block-dim", type=int, default=128)
@@ -110,10 +122,14 @@ def main() -> None:
         achieved = r["flops"] / r["seconds"]
         print(f"| {r['tokens']:,} | {r['seconds']:.1f} | {r['tokens_per_s']:,.0f} | {r['seconds'] / r['tokens'] / base:.2f} | "
               f"{r['peak_rss_gib']:.2f} | {r['flops'] / 1e9:.1f} | {achieved / 1e9:.1f} | {achieved / peak:.1%} |")
-    print(f"\nmodel: b={args.block_size} ({args.block_aggregation}), r={args.radius} ({args.radial_aggregation}), "
-          f"D_b={args.block_dim}, D_r={args.radial_dim}, D_H={args.hidden_dim}, vocab {rows[-1]['vocab']}, "
-          f"{rows[-1]['params']:,} parameters; start-up + {args.tuning} tuning pass(es); "
-          f"flush_denormal={args.flush_denormal}")
+    if args.model == "loglinear":
+        print(f"\nmodel: log-linear SAFFU, b={args.block_size}, r={args.radius}, D_b={args.block_dim}, "
+              f"vocab {rows[-1]['vocab']}, {rows[-1]['params']:,} parameters; units, calibration, units again")
+    else:
+        print(f"\nmodel: b={args.block_size} ({args.block_aggregation}), r={args.radius} ({args.radial_aggregation}), "
+              f"D_b={args.block_dim}, D_r={args.radial_dim}, D_H={args.hidden_dim}, vocab {rows[-1]['vocab']}, "
+              f"{rows[-1]['params']:,} parameters; start-up + {args.tuning} tuning pass(es); "
+              f"flush_denormal={args.flush_denormal}")
     if args.out:
         Path(args.out).write_text(json.dumps({"matmul_flops_per_s": peak, "runs": rows, "args": vars(args)}, indent=2))
 

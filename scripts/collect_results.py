@@ -10,7 +10,8 @@ Reads every job folder of the sweep (``metrics.json`` or ``failed.json``, the re
 - ``curves.csv``: every job's validation perplexity by step (from the CSV logger);
 - ``results.md``: for a grid over r and b, one table per aggregation combination shaped like
   the paper's appendix D (rows r, columns b, cells "train, dev" perplexity, best cell bold,
-  "-" where the job failed or was refused); otherwise one table of all jobs;
+  "-" where the job failed or was refused) under the references on the same targets (unigram,
+  Kneser-Ney bigram and trigram); otherwise one table of all jobs with those references;
 - ``heatmap_<combination>.png``: dev perplexity over (r, b), one per combination;
 - ``curves.png``: the validation curves, when any job trained.
 """
@@ -48,6 +49,11 @@ METRIC_COLUMNS = {
     "test/ppl": "test_ppl",
     "explicit/val_ppl": "explicit_dev_ppl",
     "unigram/val_ppl": "unigram_dev_ppl",
+    "baseline/kn2_val_ppl": "kn2_dev_ppl",
+    "baseline/kn3_val_ppl": "kn3_dev_ppl",
+    "unigram/test_ppl": "unigram_test_ppl",
+    "baseline/kn2_test_ppl": "kn2_test_ppl",
+    "baseline/kn3_test_ppl": "kn3_test_ppl",
     "params": "params",
     "tokens_seen": "tokens_seen",
     "global_step": "steps",
@@ -188,17 +194,34 @@ def is_grid(frame: pd.DataFrame) -> bool:
     return frame["r"].nunique() > 1 and frame["b"].nunique() > 1
 
 
+REFERENCES = {"unigram_dev_ppl": "unigram", "kn2_dev_ppl": "Kneser-Ney bigram", "kn3_dev_ppl": "Kneser-Ney trigram"}
+
+
+def references_line(jobs: pd.DataFrame) -> str:
+    """The count-based references of these jobs' dev targets (one value, or the range if the jobs
+    were scored on different targets)."""
+    parts = []
+    for column, name in REFERENCES.items():
+        values = jobs[column].dropna() if column in jobs else pd.Series(dtype=float)
+        if len(values):
+            low, high = values.min(), values.max()
+            parts.append(f"{name} {_fmt(low)}" if math.isclose(low, high, rel_tol=1e-6) else f"{name} {_fmt(low)}-{_fmt(high)}")
+    return "References on the same dev targets: " + (", ".join(parts) if parts else "none recorded") + "."
+
+
 def write_markdown(frame: pd.DataFrame, out: Path) -> str:
     failed = frame[frame["status"] != "ok"]
     lines = [f"# Results of {len(frame)} jobs ({len(frame) - len(failed)} ok, {len(failed)} failed or incomplete)", ""]
     if is_grid(frame):
-        for name, cells in grid_tables(frame).items():
+        for (name, cells), (_, group, _, _) in zip(grid_tables(frame).items(), combinations(frame)):
             lines += [f"## {name.replace('_', ' ')}", "",
-                      "Cells: train, dev perplexity; the best dev perplexity in bold; - : no result.", "",
+                      "Cells: train, dev perplexity; the best dev perplexity in bold; - : no result. "
+                      + references_line(group[group["status"] == "ok"]), "",
                       markdown_table(cells), ""]
     else:
         varying = [c for c in CONFIG_COLUMNS.values() if frame[c].astype(str).nunique() > 1]
-        shown = frame[["job", *varying, "params", "train_ppl", "dev_ppl", "test_ppl", "steps", "total_s", "status"]]
+        references = [c for c in ("unigram_dev_ppl", "kn2_dev_ppl", "kn3_dev_ppl") if frame[c].notna().any()]
+        shown = frame[["job", *varying, "params", "train_ppl", "dev_ppl", "test_ppl", *references, "steps", "total_s", "status"]]
         shown = shown.dropna(axis=1, how="all")
         lines += [markdown_table(shown, index=False), ""]
     if len(failed):

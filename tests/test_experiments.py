@@ -59,9 +59,10 @@ def _multirun(args: list[str], sweep_dir: Path, cache_dir: Path, timeout: int = 
 
 @pytest.fixture(scope="module")
 def ablation_sweep(tmp_path_factory):
-    """A 2 x 2 corner of the ablation grid (one cell has r > b and must fail), run with joblib."""
+    """A 2 x 2 corner of the ablation grid, run with joblib: b = 1 is refused (a block needs a start
+    token and a target), r = 8 > b = 4 is solved (the radius reads across blocks)."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = _multirun(["experiment=paper_ablation", "ablation=table3,table5", "model.radius=2,8", "model.block_size=4,8",
+    proc = _multirun(["experiment=paper_ablation", "ablation=table3,table5", "model.radius=2,8", "model.block_size=1,4",
                       "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY_GRID], root / "sweep", root / "cache")
     return proc, root / "sweep"
 
@@ -73,11 +74,13 @@ def test_a_failing_job_is_recorded_and_the_others_finish(ablation_sweep):
     assert len(jobs) == 8
     failed = sorted(p.parent.name for p in sweep.glob("*/failed.json"))
     finished = sorted(p.parent.name for p in sweep.glob("*/metrics.json"))
-    assert len(failed) == 2 and len(finished) == 6  # r=8 > b=4 in both tables; the rest ran
+    assert len(failed) == 4 and len(finished) == 4  # b = 1 in both tables and both radii; the rest ran
     record = json.loads((sweep / failed[0] / "failed.json").read_text())
-    assert "r > b" in record["error"] and record["user_error"] and "model.radius=8" in record["overrides"]
-    assert "2 of 8 jobs failed" in proc.stderr
-    assert len(json.loads((sweep / "failures.json").read_text())) == 2
+    assert "block_size=1" in record["error"] and record["user_error"] and "model.block_size=1" in record["overrides"]
+    assert "4 of 8 jobs failed" in proc.stderr
+    assert len(json.loads((sweep / "failures.json").read_text())) == 4
+    solved = [json.loads((sweep / j / "metrics.json").read_text()) for j in finished]
+    assert any(m["explicit/passes"] == 3 for m in solved)  # start-up only: attention, decoders, final layer
 
 
 def test_sweep_jobs_are_grouped_and_tagged_in_wandb_and_share_the_cache(ablation_sweep):
@@ -99,10 +102,12 @@ def test_collector_on_the_sweep(ablation_sweep, tmp_path):
     _, sweep = ablation_sweep
     assert collect_results.main([str(sweep), "--out", str(tmp_path)]) == 0
     frame = pd.read_csv(tmp_path / "results.csv")
-    assert len(frame) == 8 and (frame.status == "ok").sum() == 6
-    assert frame.loc[frame.status == "ok", ["train_ppl", "dev_ppl"]].notna().all().all()
+    assert len(frame) == 8 and (frame.status == "ok").sum() == 4
+    assert frame.loc[frame.status == "ok", ["train_ppl", "dev_ppl", "kn2_dev_ppl", "kn3_dev_ppl"]].notna().all().all()
+    assert len(frame[(frame.r == 8) & (frame.b == 4) & (frame.status == "ok")]) == 2  # r > b solved in both tables
     text = (tmp_path / "results.md").read_text()
     assert "## block sum radial cat document" in text and text.count("| r = 8 | - |") == 2
+    assert "Kneser-Ney bigram" in text
     assert {p.name for p in tmp_path.glob("heatmap_*.png")} == {"heatmap_block_sum_radial_cat.png",
                                                                "heatmap_block_sum_radial_cat_document.png"}
     assert not (tmp_path / "curves.png").exists()  # explicit solves have no learning curve
@@ -116,7 +121,7 @@ def _fake_job(sweep: Path, num: int, overrides: dict, config: dict, metrics: dic
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in overrides.items()]))
     (job / "config.yaml").write_text(yaml.safe_dump(config))
     if metrics is None:
-        (job / "failed.json").write_text(json.dumps({"error": "ConfigError: model.radius=8 must be <= model.block_size=4 (r > b)"}))
+        (job / "failed.json").write_text(json.dumps({"error": "ConfigError: model.block_size=1 must be >= 2"}))
     else:
         (job / "metrics.json").write_text(json.dumps(metrics))
     if curve:
@@ -151,7 +156,7 @@ def test_collector_tables_are_shaped_like_appendix_d(fixture_sweep, tmp_path):
     assert list(sum_cat.index) == ["r = 2", "r = 8"] and list(sum_cat.columns) == ["b = 4", "b = 8"]
     assert sum_cat.loc["r = 2", "b = 4"] == "84.0, 94.0"
     assert sum_cat.loc["r = 8", "b = 8"] == "**74.0, 84.0**"  # the lowest dev perplexity, in bold
-    assert sum_cat.loc["r = 8", "b = 4"] == "-"  # the failed (r > b) cell
+    assert sum_cat.loc["r = 8", "b = 4"] == "-"  # the failed cell
     assert tables["block_cat_radial_sum"].loc["r = 8", "b = 8"] == "**79.0, 89.0**"
     text = (tmp_path / "results.md").read_text()
     assert "| r = 8 | - | **74.0, 84.0** |" in text and "## Failed jobs" in text

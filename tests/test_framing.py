@@ -29,12 +29,21 @@ def test_blocks_worked_example():
     assert framed.targets.tolist() == [10, 11, 12, 13, 14, E, 20, 21, E]
     # block context of target 14 (block 1, position 2): positions >= 2 padded
     assert block_context(framed)[4].tolist() == [F, 13, P, P]
-    # radial contexts with r = 2 (positions j-2, j-1, left-padded)
+    # radial contexts with r = 2: the 2 items before the target in its document's stream
+    # <sod> 10 11 12 13 14 <eod>, left-padded with <pad> only before the document's start
     radial = radial_context(framed, r=2)
-    assert radial[0].tolist() == [P, S]      # target 10 at position 1
+    assert radial[0].tolist() == [P, S]      # target 10: <sod> and one pad before it
     assert radial[2].tolist() == [10, 11]    # target 12 at position 3
-    assert radial[3].tolist() == [P, F]      # target 13 opens the fragment block
+    assert radial[3].tolist() == [11, 12]    # target 13 opens the fragment block: the radius crosses it
     assert radial[8].tolist() == [20, 21]    # <eod> of doc 2
+    # r = 6 > b = 4: the whole stream so far, never <frg>, never the previous document
+    radial = radial_context(framed, r=6)
+    assert radial[5].tolist() == [S, 10, 11, 12, 13, 14]  # <eod> of doc 1 (block 1, position 3)
+    assert radial[4].tolist() == [P, S, 10, 11, 12, 13]   # target 14
+    assert radial[6].tolist() == [P, P, P, P, P, S]       # target 20 opens doc 2: nothing of doc 1
+    # any subset of rows gives the same rows
+    rows = torch.tensor([8, 3, 0])
+    assert torch.equal(radial_context(framed, 6, rows), radial[rows])
 
 
 def test_last_block_is_right_padded():

@@ -113,10 +113,43 @@ def test_explicit_solve_beats_unigram_and_random_init(synthetic):
     report = ExplicitSolver(tuning_iterations=1, batch_size=1000, progress=False).solve(net, dm.datasets["train"])
     solved = perplexity(net, dm)
     unigram = dm.unigram_perplexity("train", "dev")
-    assert solved < 0.4 * unigram, (solved, unigram)
+    # 0.48 x unigram here: with the paper's target counts <pad> shares the noise-vector embedding with
+    # <sod> and <frg>, and this corpus' block positions were carried by a one-hot <pad> (0.28 before)
+    assert solved < 0.55 * unigram, (solved, unigram)
     assert solved < 0.1 * random_ppl
     assert report.folds == 1 and report.passes == 5
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_startup_only_solves_without_a_tuning_pass(synthetic):
+    """regime=explicit (the paper's ablation): V-hat start-up over all the data, then the decoders."""
+    dm = synthetic()
+    net = build(dm)
+    report = ExplicitSolver(fold_tokens=1000, tuning_iterations=3, batch_size=1000, progress=False).solve(
+        net, dm.datasets["train"], startup_only=True)
+    assert report.folds == 1 and report.passes == 3 and list(report.seconds) == ["start-up"]
+    assert perplexity(net, dm) < 0.55 * dm.unigram_perplexity("train", "dev")
+
+
+def test_bit_cipher_counts_are_target_counts(synthetic):
+    """Section 2.5: f = sum_m Y[m]. <pad>, <sod>, <frg> are never targets: f = 0, so their codes come
+    last (hidden codes too) and their embedding row is the noise vector p itself."""
+    dm = synthetic()
+    counts = dm.model_kwargs()["token_counts"]
+    train = dm.datasets["train"].framed
+    assert torch.equal(counts, torch.bincount(train.targets, minlength=dm.vocab_size).double())
+    sp = dm.special_ids
+    specials = [sp.pad, sp.sod, sp.frg]
+    assert counts[specials].tolist() == [0.0, 0.0, 0.0] and float(counts[sp.eod]) == train.first_block.numel()
+    net = build(dm)
+    for E in (net.block.embedding.weight, net.radial.embedding.weight):
+        plain = bit_cipher_embedding(counts, E.shape[1], noise=False).double()
+        e_bar = (counts[:, None] * plain).sum(0) / counts.sum()
+        p = (1 - e_bar) / (1 - e_bar).sum()
+        for i in specials:
+            assert torch.allclose(E[i].double(), p, atol=1e-6)
+    code_norm = (net.hidden_targets > 0).sum(1)
+    assert int(code_norm[specials].min()) >= int(code_norm[counts > 0].max())  # the last (widest) codes
 
 
 def test_shapes_of_sum_and_cat(synthetic):
@@ -133,9 +166,7 @@ def test_shapes_of_sum_and_cat(synthetic):
 
 def test_no_nan_or_inf_anywhere_on_the_grid(synthetic):
     for b in (2, 4, 8, 16, 32, 64, 128):
-        for r in (2, 4, 8, 16, 32, 64, 128):
-            if r > b:
-                continue
+        for r in (2, 4, 8, 16, 32, 64, 128):  # r > b included: the radius reads across blocks
             dm = synthetic(b=b, r=r, words=1500)
             for radial in ("sum", "cat"):
                 net = build(dm, radial_aggregation=radial)
@@ -144,12 +175,17 @@ def test_no_nan_or_inf_anywhere_on_the_grid(synthetic):
                     assert torch.isfinite(p).all(), (b, r, radial, name)
 
 
-def test_r_greater_than_b_is_rejected(synthetic):
-    dm = synthetic()
-    with pytest.raises(ValueError, match="r > b"):
-        build(dm, block_size=4, radius=8)
-    with pytest.raises(ValueError, match="r > b"):
-        BlockFraming(4, 8)
+def test_r_greater_than_b_solves_and_sees_across_blocks(synthetic):
+    """Appendix D solves r > b: the radius reads the document stream past the block's start."""
+    dm = synthetic(b=4, r=8)
+    inputs, _ = dm.datasets["train"].collate(torch.arange(40))
+    late = inputs["position"] == 1  # targets that open a block: the block holds only <sod>/<frg>
+    real = ~torch.isin(inputs["radial"], torch.tensor([dm.special_ids.pad, dm.special_ids.sod]))
+    assert bool(real[late].any())  # ... while the radius still holds earlier tokens of the document
+    net = build(dm)
+    ExplicitSolver(tuning_iterations=0, batch_size=1000, progress=False).solve(net, dm.datasets["train"])
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert perplexity(net, dm) < 0.6 * dm.unigram_perplexity("train", "dev")
 
 
 def test_same_seed_gives_bit_identical_weights(synthetic):
@@ -167,7 +203,7 @@ def test_folds_stream_and_tune_once_per_further_fold(synthetic):
     n = len(dm.datasets["train"])
     report = ExplicitSolver(fold_tokens=n // 3 + 1, tuning_iterations=5, batch_size=500, progress=False).solve(net, dm.datasets["train"])
     assert report.folds == 3 and report.passes == 7  # 3 stages x (W, U) + M once
-    assert perplexity(net, dm) < 0.4 * dm.unigram_perplexity("train", "dev")
+    assert perplexity(net, dm) < 0.55 * dm.unigram_perplexity("train", "dev")
 
 
 def test_document_model_solves_without_nan(synthetic):
@@ -176,7 +212,7 @@ def test_document_model_solves_without_nan(synthetic):
     assert net.M.shape[0] == 2 * 64 + 50
     ExplicitSolver(tuning_iterations=1, batch_size=1000, progress=False).solve(net, dm.datasets["train"])
     assert all(torch.isfinite(p).all() for p in net.parameters())
-    assert perplexity(net, dm) < 0.4 * dm.unigram_perplexity("train", "dev")
+    assert perplexity(net, dm) < 0.55 * dm.unigram_perplexity("train", "dev")
 
 
 def test_generation_frames_like_the_data(synthetic):
@@ -320,7 +356,7 @@ def test_structured_decoders_hold_the_projection_of_the_dense_solution(synthetic
         solver.solve(net, dm.datasets["train"])
         solved = perplexity(net, dm)
         assert sum(p.numel() for p in net.parameters()) < 0.7 * sum(p.numel() for p in dense.parameters())
-        assert solved < 0.5 * unigram and solved < 0.1 * random_ppl, (structure, solved, unigram, random_ppl)
+        assert solved < 0.6 * unigram and solved < 0.1 * random_ppl, (structure, solved, unigram, random_ppl)
     # with dense guides attached (self-guided training, alpha = 1) the model computes the dense solution
     guided = build(dm, decoder_structure={"structure": "blockdense", "param_ratio": 0.25, "nblocks": 4})
     for layer in (guided.block.U, guided.radial.U, guided.M):

@@ -129,22 +129,38 @@ class ExplicitSolveCallback(pl.Callback):
     """
 
     def __init__(self, solver, only_saffu: bool = False, train_eval_targets: int | None = 100_000,
-                 save_checkpoint: bool = True, eval_batch_size: int = 1024):
+                 save_checkpoint: bool = True, eval_batch_size: int = 1024, startup_only: bool = False):
         if train_eval_targets is not None and train_eval_targets < 1:
             raise ConfigError(f"callbacks.explicit_solve.train_eval_targets={train_eval_targets} must be >= 1, or null (skip)")
         self.solver, self.only_saffu = solver, only_saffu
         self.train_eval_targets, self.save_checkpoint, self.eval_batch_size = train_eval_targets, save_checkpoint, eval_batch_size
+        self.startup_only = startup_only
         self.metrics: dict = {}
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def check_model(self, net, regime: str) -> bool:
+        """Whether ``net`` is solved here (a SAFFU model with its own solver); raises a ConfigError
+        for a model this regime cannot solve, or a solver that does not fit the model."""
+        from saffu_lab.models.loglinear import LogLinearSAFFU
         from saffu_lab.models.saffu import SAFFUTransformer
+        from saffu_lab.solver import ExplicitSolver
+        from saffu_lab.solver_loglinear import LogLinearSolver
 
-        net = pl_module.net
-        if not isinstance(net, SAFFUTransformer):
+        if not isinstance(net, (SAFFUTransformer, LogLinearSAFFU)):
             if self.only_saffu:
-                return
-            raise ConfigError(f"regime={pl_module.regime} solves SAFFU models explicitly, but model is {type(net).__name__}; "
+                return False
+            raise ConfigError(f"regime={regime} solves SAFFU models explicitly, but model is {type(net).__name__}; "
                               "use regime=cold for model=gpt")
+        pairs = {SAFFUTransformer: (ExplicitSolver, "solver=default"), LogLinearSAFFU: (LogLinearSolver, "solver=loglinear")}
+        solver_type, option = next(v for k, v in pairs.items() if isinstance(net, k))
+        if not isinstance(self.solver, solver_type):
+            raise ConfigError(f"a {type(net).__name__} is solved by {option}, not {type(self.solver).__name__}; "
+                              f"drop the solver override or give {option}")
+        return True
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = pl_module.net
+        if not self.check_model(net, pl_module.regime):
+            return
         if trainer.ckpt_path:
             rank_zero_info("explicit solve skipped: resuming from a checkpoint")
             return
@@ -152,7 +168,8 @@ class ExplicitSolveCallback(pl.Callback):
         start = time.perf_counter()
         device = pl_module.device
         net.cpu()  # the solver streams CPU-held data into float64 CPU sums; the model returns to its device after
-        report = self.solver.solve(net, trainer.datamodule.datasets["train"], rank=trainer.global_rank, world_size=trainer.world_size)
+        report = self.solver.solve(net, trainer.datamodule.datasets["train"], rank=trainer.global_rank,
+                                   world_size=trainer.world_size, startup_only=self.startup_only)
         net.to(device)
         self.metrics = report.metrics()
         self.metrics["explicit/wall_s"] = time.perf_counter() - start

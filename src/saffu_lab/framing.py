@@ -12,8 +12,10 @@ Two framings, following ``shared/notes/saffu-reading.md`` (Data framing):
 - **Blocks and radii** (SAFFU, section 3): each document's targets are cut into slices of
   ``b - 1``; block ``i`` is ``[<sod> or <frg>, slice_i..., <pad>...]``. The target at block
   position ``j`` (0-based here, ``1 <= j < b``) has the block context "the block with positions
-  ``>= j`` replaced by ``<pad>``" (K = b) and the radial context "positions ``j-r .. j-1``,
-  left-padded with ``<pad>``" (K = r). Contexts are gathered from ``blocks`` by index on
+  ``>= j`` replaced by ``<pad>``" (K = b) and the radial context "the r items before the target
+  in its document's stream ``<sod> t1 t2 ...``, left-padded with ``<pad>`` only before the
+  document's start" (K = r). The radius crosses block boundaries (it never holds ``<frg>``),
+  so r > b is legal (appendix D solves those cells). Contexts are gathered by index on
   demand, so that a caller can materialise them chunk by chunk.
 """
 
@@ -91,7 +93,9 @@ class Blocks:
     position: torch.Tensor  # [M] 0-based position of each target in its block, 1..b-1
     targets: torch.Tensor  # [M] target ids, == blocks[block_index, position]
     first_block: torch.Tensor  # [n_docs] index of each document's first block
+    rank_in_doc: torch.Tensor  # [M] 0-based rank of each target among its document's targets
     pad_id: int
+    sod_id: int
 
 
 def frame_blocks(ids: torch.Tensor, offsets: torch.Tensor, b: int, sp: SpecialIds) -> Blocks:
@@ -115,7 +119,7 @@ def frame_blocks(ids: torch.Tensor, offsets: torch.Tensor, b: int, sp: SpecialId
     blocks[:, 0] = sp.frg
     blocks[first_block, 0] = sp.sod
     blocks[block_index, position] = targets
-    return Blocks(blocks, block_index, position, targets, first_block, sp.pad)
+    return Blocks(blocks, block_index, position, targets, first_block, rank_in_doc, sp.pad, sp.sod)
 
 
 def block_context(framed: Blocks, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
@@ -128,14 +132,43 @@ def block_context(framed: Blocks, rows: torch.Tensor | slice = slice(None)) -> t
 
 
 def radial_context(framed: Blocks, r: int, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-    """``X^radius`` ids: block positions ``j-r .. j-1`` of each target, left-padded. [m, r]"""
+    """``X^radius`` ids: the ``r`` items before each target in its document's stream
+    ``<sod> t1 t2 ...``, left-padded with ``<pad>`` before the document's start.  [m, r]
+
+    Target ``t_i`` (rank ``i`` in its document, 0-based) sits at stream position ``i + 1``; the
+    stream holds ``<sod>`` at 0 and ``t_s`` at ``s + 1``, so column ``c`` (distance ``r - c``)
+    reads stream position ``i + 1 - r + c``: ``<sod>`` at 0, ``<pad>`` before it.
+    """
     if r < 1:
         raise ValueError(f"radius r must be >= 1, got {r}")
-    block_index, position = framed.block_index[rows], framed.position[rows]
-    columns = position[:, None] - r + torch.arange(r)[None, :]  # j-r .. j-1
-    ids = framed.blocks[block_index[:, None], columns.clamp(min=0)]
-    return torch.where(columns >= 0, ids, framed.blocks.new_full((), framed.pad_id))
+    rows = torch.arange(framed.targets.numel())[rows]
+    rank = framed.rank_in_doc[rows]
+    stream_pos = rank[:, None] + 1 - r + torch.arange(r)[None, :]  # [m, r], may be <= 0
+    index = (rows - rank)[:, None] + stream_pos - 1  # target index of stream position s >= 1
+    ids = framed.targets[index.clamp(min=0)]
+    ids = torch.where(stream_pos == 0, framed.targets.new_full((), framed.sod_id), ids)
+    return torch.where(stream_pos < 0, framed.targets.new_full((), framed.pad_id), ids)
 
+
+def next_target_context(generated: torch.Tensor, block_size: int, radius: int, sp: SpecialIds) -> dict:
+    """Block and radial contexts of the next target of documents whose targets so far are
+    ``generated [B, t]`` (for generation): the same contexts the data framing gives that target.
+
+    The block is the current block (``<sod>`` or ``<frg>``, then this block's targets, padded
+    from the target's position); the radius is the last r items of the stream ``<sod> generated...``,
+    left-padded with ``<pad>``.
+    """
+    B, t = generated.shape
+    b, r, dev = block_size, radius, generated.device
+    start = (t // (b - 1)) * (b - 1)
+    position = 1 + t % (b - 1)
+    block = torch.full((B, b), sp.pad, dtype=torch.long, device=dev)
+    block[:, 0] = sp.sod if start == 0 else sp.frg
+    block[:, 1:position] = generated[:, start:t]
+    stream = torch.cat([torch.full((B, r), sp.pad, dtype=torch.long, device=dev),
+                        torch.full((B, 1), sp.sod, dtype=torch.long, device=dev), generated], 1)
+    return {"block": block, "radial": stream[:, stream.shape[1] - r:],
+            "position": torch.full((B,), position, dtype=torch.long, device=dev)}
 
 
 # --- framings as objects: what the data module hands to a model family ---------------------
@@ -173,8 +206,7 @@ class BlockTargets(torch.utils.data.Dataset):
         n_blocks_of_doc = torch.diff(torch.cat([framed.first_block, torch.tensor([framed.blocks.shape[0]])]))
         doc_of_block = torch.repeat_interleave(torch.arange(framed.first_block.numel()), n_blocks_of_doc)
         self.document = doc_of_block[framed.block_index]
-        b = framed.blocks.shape[1]
-        self.rank_in_doc = (framed.block_index - framed.first_block[self.document]) * (b - 1) + framed.position - 1
+        self.rank_in_doc = framed.rank_in_doc
         self.doc_start = torch.arange(self.document.numel()) - self.rank_in_doc  # index of the doc's first target
 
     def __len__(self) -> int:
@@ -212,16 +244,15 @@ class BlockFraming:
     def __init__(self, block_size: int, radius: int, document_prefix: bool = False):
         if block_size < 2 or radius < 1:
             raise ValueError(f"model.block_size={block_size} must be >= 2 and model.radius={radius} >= 1")
-        if radius > block_size:
-            raise ValueError(f"model.radius={radius} must be <= model.block_size={block_size} (r > b)")
         self.block_size, self.radius, self.document_prefix = block_size, radius, document_prefix
 
     def dataset(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds) -> BlockTargets:
         return BlockTargets(frame_blocks(ids, offsets, self.block_size, sp), self.radius, self.document_prefix)
 
     def model_kwargs(self, train: BlockTargets, vocab_size: int, sp: SpecialIds) -> dict:
-        """Facts of the training data that a SAFFU model is built from: token counts over the
-        training blocks (they order the bit-cipher codes), the number of training documents,
-        and the framing's special ids (for generation)."""
-        counts = torch.bincount(train.framed.blocks.flatten(), minlength=vocab_size).double()
+        """Facts of the training data that a SAFFU model is built from: the target counts
+        f = sum_m Y[m] (section 2.5; they order the bit-cipher codes and drive their noise, so
+        ``<pad>``, ``<sod>`` and ``<frg>``, never targets, have f = 0), the number of training
+        documents, and the framing's special ids (for generation)."""
+        counts = torch.bincount(train.framed.targets, minlength=vocab_size).double()
         return {"token_counts": counts, "n_documents": int(train.framed.first_block.numel()), "special_ids": sp}

@@ -101,6 +101,7 @@ class SolveReport:
     seconds: dict = field(default_factory=dict)
     nonpositive: dict = field(default_factory=dict)
     priming: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # other solver outputs, logged as explicit/<name>
 
     def metrics(self) -> dict:
         out = {"explicit/folds": self.folds, "explicit/targets": self.targets, "explicit/passes": self.passes,
@@ -108,6 +109,7 @@ class SolveReport:
         out.update({f"explicit/{k}_s": v for k, v in self.seconds.items()})
         out.update({f"explicit/nonpositive_{k}": v for k, v in self.nonpositive.items()})
         out.update({f"explicit/priming_{k}": v for k, v in self.priming.items()})
+        out.update({f"explicit/{k}": v for k, v in self.values.items()})
         return out
 
 
@@ -115,7 +117,7 @@ class ExplicitSolver:
     """Solves every matrix of a ``SAFFUTransformer`` from a ``BlockTargets`` dataset.
 
     Args:
-        fold_tokens: targets per fold (the paper: 1M).
+        fold_tokens: targets per fold (the paper: 1M); None: one fold of all the data.
         tuning_iterations: tuning passes when the data is a single fold (0: start-up only,
             the paper's ablation mode).
         batch_size: targets per batch of a streaming pass.
@@ -128,11 +130,11 @@ class ExplicitSolver:
         all_reduce: sums across processes; default: ``torch.distributed`` when initialised.
     """
 
-    def __init__(self, fold_tokens: int = 1_000_000, tuning_iterations: int = 1, batch_size: int = 1024,
+    def __init__(self, fold_tokens: int | None = 1_000_000, tuning_iterations: int = 1, batch_size: int = 1024,
                  smoothing: float = 1e-3, priming: str = "paper", progress: bool = True, max_table_gib: float = 4.0,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if fold_tokens < 1:
-            raise ValueError(f"solver.fold_tokens={fold_tokens} must be >= 1")
+        if fold_tokens is not None and fold_tokens < 1:
+            raise ValueError(f"solver.fold_tokens={fold_tokens} must be >= 1, or null (one fold: all training targets)")
         if tuning_iterations < 0:
             raise ValueError(f"solver.tuning_iterations={tuning_iterations} must be >= 0")
         if batch_size < 1:
@@ -148,19 +150,24 @@ class ExplicitSolver:
         self.all_reduce = all_reduce or _all_reduce
 
     # --- driver --------------------------------------------------------------------------
-    def solve(self, net: SAFFUTransformer, data, rank: int = 0, world_size: int = 1) -> SolveReport:
+    def solve(self, net: SAFFUTransformer, data, rank: int = 0, world_size: int = 1,
+              startup_only: bool = False) -> SolveReport:
         """Solve ``net`` in place from ``data`` (a ``BlockTargets``); this process takes every
-        ``world_size``-th target of each fold from ``rank``."""
+        ``world_size``-th target of each fold from ``rank``. ``startup_only`` (regime=explicit, the
+        paper's ablation) runs the start-up alone, on all the data as one fold: no tuning pass."""
         for unit in (net.block, net.radial):
             if not bool((unit.embedding.weight > 0).all()):
                 raise ValueError("the explicit solve takes log E (V-hat, section 2.4), so embeddings must be strictly "
                                  "positive: use bit-cipher embeddings with noise (embedding=bitcipher embedding.noise=true)")
         report = SolveReport()
         n = len(data)
-        folds = [torch.arange(s, min(s + self.fold_tokens, n)) for s in range(0, n, self.fold_tokens)]
+        size = max(n, 1) if startup_only or not self.fold_tokens else self.fold_tokens
+        folds = [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
         report.folds, report.targets = len(folds), n
         schedule = [("start-up", folds[0])]
-        if len(folds) > 1:
+        if startup_only:
+            pass
+        elif len(folds) > 1:
             schedule += [(f"tuning {i}", f) for i, f in enumerate(folds[1:], 1)]
         else:
             schedule += [(f"tuning {i + 1}", folds[0]) for i in range(self.tuning_iterations)]

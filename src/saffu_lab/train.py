@@ -18,8 +18,9 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from saffu_lab.callbacks import ExplicitSolveCallback
 from saffu_lab.errors import ConfigError, SaffuLabError
 
 
@@ -32,6 +33,9 @@ def build_components(cfg: DictConfig):
     module = instantiate(cfg.regime, net=net)
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
+    for callback in callbacks:  # a model the regime cannot solve stops here, before any training
+        if isinstance(callback, ExplicitSolveCallback):
+            callback.check_model(net, module.regime)
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, module, trainer
 
@@ -43,6 +47,13 @@ def check_environment(cfg: DictConfig) -> None:
     if missing:
         hint = " (data=text_dir needs the corpus folder: data.path=DIR)" if "data.path" in missing else ""
         raise ConfigError(f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=VALUE{hint}")
+    orders = cfg.get("kneser_ney_orders")
+    for n in ([] if orders is None else orders if isinstance(orders, (list, ListConfig)) else [orders]):
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
+            raise ConfigError(f"kneser_ney_orders has {n!r}; give n-gram orders in 1..4, e.g. kneser_ney_orders=[2,3] "
+                              "(or kneser_ney_orders=[] for none)")
+    if orders is not None and not isinstance(orders, (list, ListConfig)):
+        raise ConfigError(f"kneser_ney_orders={orders!r} must be a list of n-gram orders, e.g. kneser_ney_orders=[2,3]")
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer=gpu asks for a CUDA GPU but torch sees none; use trainer=cpu (or trainer=ddp for 2 CPU processes)")
@@ -152,6 +163,7 @@ def _run(cfg: DictConfig) -> dict:
         "test/ppl": test[0].get("test/ppl"),
         "unigram/test_ppl": datamodule.unigram_perplexity("train", "test"),
         "unigram/val_ppl": datamodule.unigram_perplexity("train", "dev"),
+        **kneser_ney_baselines(datamodule, cfg.get("kneser_ney_orders") or [], test=bool(cfg.get("test", True))),
         "params": module.num_parameters(),
         "vocab_size": datamodule.vocab_size,
         "tokens_seen": tokens_seen,
@@ -174,10 +186,23 @@ def _run(cfg: DictConfig) -> dict:
         tokenizer_path = Path(cfg.paths.output_dir) / "tokenizer.json"
         datamodule.tokenizer.save(str(tokenizer_path))
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        references = "  ".join([f"unigram {metrics['unigram/val_ppl']:.1f}"] + [
+            f"KN {n}-gram {metrics[f'baseline/kn{n}_val_ppl']:.1f}" for n in cfg.get("kneser_ney_orders") or []])
         test_text = f"test/ppl {metrics['test/ppl']:.3f}" if metrics["test/ppl"] is not None else "test skipped"
-        print(f"val/ppl {metrics['val/ppl']:.3f}  {test_text}  "
-              f"(unigram test/ppl {metrics['unigram/test_ppl']:.3f})  -> {cfg.paths.output_dir}/metrics.json")
+        print(f"val/ppl {metrics['val/ppl']:.3f}  {test_text}  (dev references: {references})  "
+              f"-> {cfg.paths.output_dir}/metrics.json")
     return metrics
+
+
+def kneser_ney_baselines(datamodule, orders, test: bool = True) -> dict:
+    """``baseline/kn{n}_val_ppl`` (and ``_test_ppl``) for each order: Kneser-Ney n-grams fitted on
+    exactly the run's training targets, scored on exactly its dev (test) targets."""
+    out = {}
+    for n in orders:
+        out[f"baseline/kn{n}_val_ppl"] = datamodule.kneser_ney_perplexity(n, "train", "dev")
+        if test:
+            out[f"baseline/kn{n}_test_ppl"] = datamodule.kneser_ney_perplexity(n, "train", "test")
+    return out
 
 
 def _unwrap(err: InstantiationException) -> Exception:

@@ -138,6 +138,14 @@ class LMDataModule(pl.LightningDataModule):
                 return float(torch.exp(-log_p[targets].mean()))
         raise AssertionError("unreachable")
 
+    def kneser_ney_perplexity(self, order: int, fit_split: str = "train", eval_split: str = "test") -> float:
+        """Perplexity of an interpolated modified Kneser-Ney ``order``-gram fitted on the targets of
+        ``fit_split`` and scored on the targets of ``eval_split``: the same targets as the LM's
+        (``saffu_lab.ngram``; histories within each document)."""
+        from saffu_lab.ngram import kneser_ney_perplexity
+
+        return kneser_ney_perplexity(order, self.vocab_size, self.special_ids, self.splits[fit_split], self.splits[eval_split])
+
     # --- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None

@@ -65,18 +65,25 @@ def codes_by_frequency(token_counts: torch.Tensor, dim: int) -> torch.Tensor:
     return z
 
 
-def bit_cipher_embedding(token_counts: torch.Tensor, dim: int, noise: bool = True) -> torch.Tensor:
-    """E in (0, 1]^{N x dim}, rows summing to 1: normalised codes, densified with noise (sec. 2.5)."""
-    z = codes_by_frequency(token_counts, dim)
+def noise_parts(token_counts: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pieces of the noised embedding E = q Z~ + (1 - q) p (section 2.5): the normalised codes
+    Z~ [N, dim], q [N] and the noise vector p [dim], in float64."""
+    z = codes_by_frequency(token_counts, dim).double()
     e = z / z.sum(1, keepdim=True)
-    if not noise:
-        return e
     f = token_counts.double().clamp(min=0)
-    e64 = e.double()
-    e_bar = (f[:, None] * e64).sum(0) / f.sum().clamp(min=1)
+    e_bar = (f[:, None] * e).sum(0) / f.sum().clamp(min=1)
     q = f / (f + 1)
     p = (1 - e_bar) / (1 - e_bar).sum()
-    return (q[:, None] * e64 + (1 - q[:, None]) * p[None, :]).float()
+    return e, q, p
+
+
+def bit_cipher_embedding(token_counts: torch.Tensor, dim: int, noise: bool = True) -> torch.Tensor:
+    """E in (0, 1]^{N x dim}, rows summing to 1: normalised codes, densified with noise (sec. 2.5)."""
+    if not noise:
+        z = codes_by_frequency(token_counts, dim)
+        return z / z.sum(1, keepdim=True)
+    e, q, p = noise_parts(token_counts, dim)
+    return (q[:, None] * e + (1 - q[:, None]) * p[None, :]).float()
 
 
 class BitCipherEmbedding(nn.Embedding):
@@ -90,3 +97,14 @@ class BitCipherEmbedding(nn.Embedding):
         with torch.no_grad():
             self.weight.copy_(bit_cipher_embedding(token_counts, dim, noise))
         self.weight.requires_grad_(trainable)
+        self.token_counts, self.noise = torch.as_tensor(token_counts).double().clone(), noise
+
+    def noise_form(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(Z~, q, p) with weight = q Z~ + (1 - q) p (``noise_parts``) while the weight is still the
+        bit-cipher embedding it was built as; None once it has changed (trained, loaded) or without noise.
+        Solvers use it to work with the codes' few bits instead of dense rows."""
+        if not self.noise:
+            return None
+        e, q, p = noise_parts(self.token_counts, self.embedding_dim)
+        rebuilt = (q[:, None] * e + (1 - q[:, None]) * p[None, :]).to(self.weight.dtype)
+        return (e, q, p) if torch.equal(rebuilt, self.weight.detach().cpu()) else None

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saffu_lab.framing import SpecialIds, next_target_context
 from saffu_lab.models.bitcipher import BitCipherEmbedding, codes_by_frequency
 from saffu_lab.models.sampling import sample
 from saffu_lab.models.structured import structured_linear
@@ -217,15 +218,14 @@ class SAFFUTransformer(nn.Module):
         for name, value in (("block_size", block_size), ("radius", radius)):
             if value < 2:
                 raise ValueError(f"model.{name}={value} must be >= 2 (a SAFFU attends over at least 2 features)")
-        if radius > block_size:
-            raise ValueError(f"model.radius={radius} must be <= model.block_size={block_size} (r > b: the radius would reach past the block)")
         for name, value in (("block_dim", block_dim), ("radial_dim", radial_dim), ("hidden_dim", hidden_dim)):
             if value < 1:
                 raise ValueError(f"model.{name}={value} must be >= 1")
             if value < 62 and vocab_size > 2**value - 1:
                 raise ValueError(f"model.{name}={value} bits give only {2**value - 1} bit-cipher codes for {vocab_size} tokens")
-        if not (head == "most_recent" or (isinstance(head, int) and 0 <= head < radius)):
-            raise ValueError(f"model.head={head!r} must be 'most_recent' or a feature index in [0, radius={radius})")
+        if not (head == "most_recent" or (isinstance(head, int) and 0 <= head < min(radius, block_size))):
+            raise ValueError(f"model.head={head!r} must be 'most_recent' or a feature index in [0, min(radius, block_size)="
+                             f"{min(radius, block_size)})")
         if document_model and document_classes < 1:
             raise ValueError(f"model.document_classes={document_classes} must be >= 1")
         structure = dict(decoder_structure) if decoder_structure and decoder_structure.get("structure") else None
@@ -280,19 +280,12 @@ class SAFFUTransformer(nn.Module):
     # --- generation ----------------------------------------------------------------------
     def frame_next(self, generated: torch.Tensor) -> dict:
         """Inputs for the next target of documents whose targets so far are ``generated [B, t]``."""
-        B, t = generated.shape
-        b, r, dev = self.block_size, self.radius, generated.device
-        start = (t // (b - 1)) * (b - 1)
-        position = 1 + t % (b - 1)
-        block = torch.full((B, b), self.pad_id, dtype=torch.long, device=dev)
-        block[:, 0] = self.sod_id if start == 0 else self.frg_id
-        block[:, 1:position] = generated[:, start:t]
-        cols = torch.arange(position - r, position, device=dev)
-        radial = torch.where(cols >= 0, block[:, cols.clamp(min=0)], torch.full_like(block[:, :r], self.pad_id))
-        inputs = {"block": block, "radial": radial, "position": torch.full((B,), position, dtype=torch.long, device=dev)}
+        sp = SpecialIds(pad=self.pad_id, sod=self.sod_id, eod=-1, frg=self.frg_id)
+        inputs = next_target_context(generated, self.block_size, self.radius, sp)
         if self.document is not None:
-            prefix = generated if t else torch.full((B, 1), self.pad_id, dtype=torch.long, device=dev)
-            inputs.update(prefix=prefix, prefix_len=torch.full((B,), t, dtype=torch.long, device=dev))
+            B, t = generated.shape
+            prefix = generated if t else torch.full((B, 1), self.pad_id, dtype=torch.long, device=generated.device)
+            inputs.update(prefix=prefix, prefix_len=torch.full((B,), t, dtype=torch.long, device=generated.device))
         return inputs
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:

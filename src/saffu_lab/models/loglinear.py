@@ -1,0 +1,182 @@
+"""The log-linear SAFFU: SAFFU units that decode straight to the vocabulary (beyond the paper).
+
+Why this model exists (measured in ``docs/explicit_solutions.md``): the paper's transformer
+decodes each SAFFU to a D_H-bit code distribution and solves a final layer M over those
+distributions. Even a perfect bigram pushed through that path (D_H = 512 codes, M by eq. 7)
+scores 161 dev perplexity on KJV, where the bigram itself scores 65: the closed-form M, linear
+in the code probabilities, cannot undo the bottleneck. Here every unit decodes to the
+vocabulary (its hidden codes are the identity: the bit cipher with D_H = N), and the units'
+log-probability ratios are added with a handful of weights, the way eq. 7's theorem reads for
+a softmax layer whose features are the units themselves.
+
+For a target with radius items x_1 (nearest) ... x_r and block context B:
+
+    logits(y) =   sum_k  lam_k  [log P_k(y | x_k) - log p(y)]       radial unit, one expert per distance k
+                +        lam_b  [h_B U_b](y)                         block unit
+                +        lam_0  log p(y)                             prior (the target unigram)
+
+- Radial unit: a cat SAFFU whose features keep the exact identity of each item (one-hot, the
+  bit cipher with D = N). With one-hot features eq. 5 is a per-distance conditional,
+  F(onehot x_k, Y) = c_k(x, y), and its closed form is log c_k(x, y) up to a column shift;
+  here its zero co-occurrences get interpolated modified Kneser-Ney discounting and back-off
+  (``saffu_lab.ngram``) instead of an additive eps. Stored as
+  log P_k(y | x) = log g_k(x) + log P_k1(y) + S_k[x, y], with S_k sparse (seen pairs only);
+  log g_k(x) is constant in y and drops out of the softmax.
+- Block unit: a sum SAFFU over the block's bit-cipher embeddings (D_b), uniform weights over
+  the block's real positions (the pad tail carries no weight: the paper's document-model
+  feature, section 3.1, restricted to the block), h_B = mean_k E_b[x_k]; its decoder decodes
+  to the vocabulary by eq. 5 with one-hot targets, as a log-ratio
+  U_b[d, y] = log P(y | d) - log p(y), P(y | d) = (F[d, y] + beta p(y) F[d, .]) / ((1 + beta) F[d, .]).
+- Final layer: the weights lam (one per distance, the block, the prior) replace the attention
+  weights and M; the solver fits them by Newton's method on held-out training documents
+  (the negative log-likelihood is convex in lam). The weights are what the paper's attention
+  would supply; they are static per distance here.
+
+``saffu_lab.solver_loglinear.LogLinearSolver`` solves every part. All parts are parameters, so
+a warm start can fine-tune them by backprop (the sparse values keep their sparsity pattern).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saffu_lab.framing import SpecialIds, next_target_context
+from saffu_lab.models.bitcipher import BitCipherEmbedding
+from saffu_lab.models.sampling import sample
+
+NEVER = -1.0e4  # logit of <pad>, <sod>, <frg>: they are never targets (exp underflows to 0)
+
+
+class LogLinearSAFFU(nn.Module):
+    """Radial (exact identity, Kneser-Ney decoders) and block (bit-cipher) SAFFU experts, mixed log-linearly."""
+
+    def __init__(self, vocab_size: int, token_counts: torch.Tensor, special_ids: SpecialIds, block_size: int = 128,
+                 radius: int = 8, block_dim: int = 128, block_unit: bool = True, n_documents: int = 1,
+                 embedding=BitCipherEmbedding, block_aggregation: str = "sum", radial_aggregation: str = "cat",
+                 decoder_structure: str | None = None):
+        """``n_documents`` comes with the framing's model arguments; this model does not use it. The
+        aggregations are fixed (block sum, radial cat over identity features) and the decoders are
+        dense: the last three arguments exist so that a config asking for anything else is refused."""
+        super().__init__()
+        if (block_aggregation, radial_aggregation) != ("sum", "cat"):
+            raise ValueError(f"model=saffu_loglinear aggregates block sum + radial cat, not block {block_aggregation} + "
+                             f"radial {radial_aggregation}; drop the aggregation override (or use model=saffu)")
+        if decoder_structure not in (None, "dense"):
+            raise ValueError(f"model=saffu_loglinear has no structured decoders (ffn structure {decoder_structure!r}); "
+                             "use ffn=dense, or model=saffu for structured SAFFU decoders")
+        if block_size < 2:
+            raise ValueError(f"model.block_size={block_size} must be >= 2 (one start token plus one target)")
+        if radius < 1:
+            raise ValueError(f"model.radius={radius} must be >= 1")
+        if block_unit and block_dim < 1:
+            raise ValueError(f"model.block_dim={block_dim} must be >= 1")
+        token_counts = torch.as_tensor(token_counts, dtype=torch.float64)
+        if token_counts.numel() != vocab_size:
+            raise ValueError(f"token_counts has {token_counts.numel()} entries for a vocabulary of {vocab_size}")
+        N = vocab_size
+        self.vocab_size, self.block_size, self.radius, self.has_block = N, block_size, radius, bool(block_unit)
+        self.pad_id, self.sod_id, self.frg_id = special_ids.pad, special_ids.sod, special_ids.frg
+        never = torch.zeros(N, dtype=torch.bool)
+        never[[special_ids.pad, special_ids.sod, special_ids.frg]] = True
+        self.register_buffer("never_target", never)
+        # final layer: lam for distances 1..r, then the block unit, then the prior
+        self.mix = nn.Parameter(torch.zeros(self.n_experts))
+        self.log_prior = nn.Parameter(torch.zeros(N))  # log p(y)
+        # radial decoders: col[k-1] = log P_k1(y) - log p(y); S_k in CSR rows (k-1) N + x
+        self.radial_col = nn.Parameter(torch.zeros(radius, N))
+        self.register_buffer("radial_crow", torch.zeros(radius * N + 1, dtype=torch.long))
+        self.register_buffer("radial_cols", torch.zeros(0, dtype=torch.long))
+        self.radial_values = nn.Parameter(torch.zeros(0))
+        if self.has_block:
+            self.block_embedding = embedding(token_counts, block_dim)
+            self.block_U = nn.Parameter(torch.zeros(block_dim, N))
+
+    @property
+    def n_experts(self) -> int:
+        return self.radius + int(self.has_block) + 1
+
+    def expert_names(self) -> list[str]:
+        return [f"radial_{k}" for k in range(1, self.radius + 1)] + (["block"] if self.has_block else []) + ["prior"]
+
+    # --- the sparse radial decoders --------------------------------------------------------
+    def set_radial(self, col: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the radial decoders: ``col [r, N]`` and the sparse entries (row (k-1) N + x, column y,
+        value log1p(S)), rows sorted ascending."""
+        with torch.no_grad():
+            self.radial_col.copy_(col)
+            counts = torch.bincount(rows, minlength=self.radius * self.vocab_size)
+            self.radial_crow.copy_(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
+            self.radial_cols = cols.to(self.radial_crow.device)
+            self.radial_values.data = values.to(self.radial_col.dtype).to(self.radial_col.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """The sparse decoders' size is the data's: take it from the checkpoint before loading."""
+        for name in ("radial_cols", "radial_values"):
+            if prefix + name in state_dict:
+                incoming = state_dict[prefix + name]
+                getattr(self, name).data = torch.empty_like(incoming, device=self.radial_crow.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _radial_rows(self, radial: torch.Tensor) -> torch.Tensor:
+        """CSR row of each (target, distance) pair: (k-1) N + x_k, distance k = 1 first.  [B, r]"""
+        if radial.shape[1] != self.radius:
+            raise ValueError(f"radial contexts of {radial.shape[1]} items for a model of radius {self.radius}")
+        k = torch.arange(self.radius, device=radial.device)
+        return k[None, :] * self.vocab_size + radial.flip(1)
+
+    def _radial_rows_dense(self, radial: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct (distance, item) rows of the batch as a dense [U, N] block of S, and the
+        index of each target's row per distance [B, r]. Frequent items repeat across a batch, so
+        U is far below B r; the CSR entries of the U rows are scattered once, without a loop."""
+        rows = self._radial_rows(radial)
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        start = self.radial_crow[unique]
+        length = self.radial_crow[unique + 1] - start
+        total = int(length.sum())
+        owner = torch.repeat_interleave(torch.arange(unique.numel(), device=rows.device), length, output_size=total)
+        first = torch.cumsum(length, 0) - length
+        entry = start[owner] + torch.arange(total, device=rows.device) - first[owner]
+        dense = self.radial_values.new_zeros(unique.numel() * self.vocab_size)
+        dense = dense.index_add(0, owner * self.vocab_size + self.radial_cols[entry], self.radial_values[entry])
+        return dense.view(unique.numel(), self.vocab_size), inverse
+
+    # --- the block unit ---------------------------------------------------------------------
+    def block_features(self, block: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """h_B = the mean bit-cipher embedding of the block's real positions (< the target's).  [B, D_b]"""
+        L = int(position.max())  # columns from L on are <pad> for every row: no weight, so not read
+        real = (torch.arange(L, device=block.device)[None, :] < position[:, None]).to(self.block_embedding.weight.dtype)
+        bag = F.embedding_bag(block[:, :L], self.block_embedding.weight, per_sample_weights=real, mode="sum")
+        return bag / real.sum(1, keepdim=True)
+
+    # --- forward ------------------------------------------------------------------------------
+    def expert_logits(self, inputs: dict) -> torch.Tensor:
+        """Each expert's log-ratio over the vocabulary, before the final weights.  [B, n_experts, N]"""
+        B = inputs["radial"].shape[0]
+        dense, inverse = self._radial_rows_dense(inputs["radial"])
+        parts = [dense[inverse] + self.radial_col[None]]  # [B, r, N]: S_k[x_k] + col_k
+        if self.has_block:
+            parts.append((self.block_features(inputs["block"], inputs["position"]) @ self.block_U)[:, None, :])
+        parts.append(self.log_prior[None, None, :].expand(B, 1, -1))
+        return torch.cat(parts, 1)
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """Next-token logits [B, N]: the experts' log-ratios weighted by ``mix`` (the final layer)."""
+        r = self.radius
+        lam = self.mix
+        dense, inverse = self._radial_rows_dense(inputs["radial"])  # sum_k lam_k S_k[x_k]: one weighted bag
+        logits = F.embedding_bag(inverse, dense, per_sample_weights=lam[:r].expand(inverse.shape[0], r), mode="sum")
+        logits = logits + (lam[:r] @ self.radial_col + lam[-1] * self.log_prior)[None, :]
+        if self.has_block:
+            logits = logits + lam[r] * (self.block_features(inputs["block"], inputs["position"]) @ self.block_U)
+        return logits.masked_fill(self.never_target, NEVER)
+
+    # --- generation ---------------------------------------------------------------------------
+    def frame_next(self, generated: torch.Tensor) -> dict:
+        sp = SpecialIds(pad=self.pad_id, sod=self.sod_id, eod=-1, frg=self.frg_id)
+        return next_target_context(generated, self.block_size, self.radius, sp)
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Sample documents; ``prompt [B, 1]`` is the ``<sod>`` column (see ``sampling.sample``)."""
+        return sample(lambda idx: self(self.frame_next(idx[:, 1:])), prompt, max_new_tokens, **sampling)

@@ -1,0 +1,202 @@
+"""The log-linear SAFFU and its explicit solution: the radial decoders are exactly Kneser-Ney,
+the final layer is the held-out optimum, and the solved model beats the references it should
+beat on held-out synthetic text."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saffu_lab.data.corpus import SyntheticCorpus
+from saffu_lab.data.datamodule import LMDataModule
+from saffu_lab.framing import BlockFraming
+from saffu_lab.models.loglinear import LogLinearSAFFU
+from saffu_lab.ngram import KneserNey, targets_and_histories
+from saffu_lab.solver_loglinear import LogLinearSolver, token_at_distance
+from saffu_lab.tokenizer import CountBPE
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    dm = LMDataModule(corpus=SyntheticCorpus(seed=0, train_words=20_000, dev_words=3000, test_words=3000),
+                      tokenizer=CountBPE(progress=False), cache_dir=str(tmp_path_factory.getbasetemp() / "ll-cache"),
+                      framing=BlockFraming(16, 4))
+    dm.setup()
+    return dm
+
+
+def build(dm, **kw):
+    args = {"block_size": dm.framing.block_size, "radius": dm.framing.radius, "block_dim": 32, **kw}
+    return LogLinearSAFFU(**dm.model_kwargs(), **args)
+
+
+def solve(dm, net, **kw):
+    return LogLinearSolver(progress=False, **kw).solve(net, dm.datasets["train"])
+
+
+@torch.no_grad()
+def nll(net, dm, split="dev"):
+    ds = dm.datasets[split]
+    inputs, y = ds.collate(torch.arange(len(ds)))
+    return float(torch.nn.functional.cross_entropy(net(inputs), y))
+
+
+def test_token_at_distance_is_the_radial_context(synthetic):
+    ds = synthetic.datasets["train"]
+    rows = torch.arange(0, len(ds), 7)
+    inputs, _ = ds.collate(rows)
+    for k in range(1, 5):
+        assert torch.equal(token_at_distance(ds.framed, rows, k), inputs["radial"][:, 4 - k])
+
+
+def test_radial_decoder_at_distance_one_is_the_kneser_ney_bigram(synthetic):
+    """r = 1, no block unit, weights (1, 1): the model's distribution is the KN bigram's, exactly."""
+    dm = synthetic
+    net = build(dm, radius=1, block_unit=False)
+    LogLinearSolver(progress=False).solve_units(net, dm.datasets["train"], torch.arange(len(dm.datasets["train"])),
+                                                report=type("R", (), {"values": {}})())
+    with torch.no_grad():
+        net.mix.copy_(torch.tensor([1.0, 1.0]))
+    kn = KneserNey(2, dm.vocab_size, dm.special_ids).fit(*targets_and_histories(*dm.splits["train"], dm.special_ids, 1))
+    y, h = targets_and_histories(*dm.splits["dev"], dm.special_ids, 1)
+    ds = dm.datasets["dev"]
+    inputs, targets = ds.collate(torch.arange(len(ds)))
+    inputs["radial"] = inputs["radial"][:, -1:]  # the data is framed with r = 4: the nearest item
+    assert torch.equal(targets, y)  # the same targets, in the same order
+    with torch.no_grad():
+        model_lp = torch.log_softmax(net(inputs).double(), -1)
+    words = torch.arange(dm.vocab_size)
+    for i in range(0, len(ds), 97):  # whole distributions, not only the targets
+        kn_lp = kn.log_prob(words, h[i].expand(dm.vocab_size, 1))
+        support = torch.isfinite(kn_lp)
+        assert torch.allclose(model_lp[i][support], kn_lp[support], atol=1e-5)
+        assert bool((model_lp[i][~support] < -1e3).all())
+
+
+def test_solved_model_beats_the_references_on_held_out_text(synthetic):
+    dm = synthetic
+    net = build(dm)
+    report = solve(dm, net)
+    ppl = math.exp(nll(net, dm))
+    kn2 = dm.kneser_ney_perplexity(2, "train", "dev")
+    kn3 = dm.kneser_ney_perplexity(3, "train", "dev")
+    unigram = dm.unigram_perplexity("train", "dev")
+    print(f"log-linear SAFFU {ppl:.2f}  KN bigram {kn2:.2f}  KN trigram {kn3:.2f}  unigram {unigram:.2f}")
+    assert ppl < 0.95 * kn2 and ppl < kn3 and ppl < 0.3 * unigram
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert report.values["heldout_ppl"] > 1 and report.values["radial_pairs"] == net.radial_values.numel()
+
+
+def test_final_layer_is_the_held_out_optimum(synthetic):
+    """Newton's lam is a minimum of the held-out loss: zero gradient, and any nudge is worse."""
+    dm = synthetic
+    net = build(dm)
+    solver = LogLinearSolver(progress=False, calibration_targets=2000)
+    data = dm.datasets["train"]
+    fit, held = solver.split(data)
+    assert not set(data.document[fit].tolist()) & set(data.document[held].tolist())  # whole documents held out
+    with torch.no_grad():
+        solver.solve_units(net, data, fit, report=type("R", (), {"values": {}})())
+        lam, ppl = solver.calibrate(net, data, held)
+        batches = list(solver._batches(data, held[torch.linspace(0, held.numel() - 1, 2000).round().long().unique()], ""))
+        loss, grad, _ = solver._newton_terms(net, batches, lam)
+        assert math.exp(loss) == pytest.approx(ppl, rel=1e-9)
+        assert float(grad.abs().max()) < 1e-3
+        start = torch.zeros_like(lam)
+        start[0], start[-1] = 1.0, 1.0
+        assert loss < solver._newton_terms(net, batches, start)[0]  # better than the bigram start
+        for e in range(lam.numel()):
+            for delta in (-0.05, 0.05):
+                nudged = lam.clone()
+                nudged[e] += delta
+                assert solver._newton_terms(net, batches, nudged)[0] > loss
+
+
+def test_forward_is_the_weighted_sum_of_the_experts(synthetic):
+    dm = synthetic
+    net = build(dm)
+    solve(dm, net)
+    inputs, _ = dm.datasets["dev"].collate(torch.arange(300))
+    with torch.no_grad():
+        experts = net.expert_logits(inputs)
+        mixed = torch.einsum("ben,e->bn", experts, net.mix).masked_fill(net.never_target, 0)
+        direct = net(inputs).masked_fill(net.never_target, 0)
+    assert experts.shape == (300, net.n_experts, dm.vocab_size)
+    assert torch.allclose(mixed, direct, atol=1e-4)
+
+
+def test_checkpoint_round_trip_and_gradients(synthetic, tmp_path):
+    """The sparse decoders' size comes from the data: a fresh model loads it from a state dict;
+    every part of the solved model takes gradients (a warm start can fine-tune it)."""
+    dm = synthetic
+    net = build(dm)
+    solve(dm, net)
+    torch.save(net.state_dict(), tmp_path / "ll.pt")
+    fresh = build(dm)
+    fresh.load_state_dict(torch.load(tmp_path / "ll.pt"))
+    inputs, y = dm.datasets["dev"].collate(torch.arange(200))
+    assert torch.equal(fresh(inputs), net(inputs))
+    loss = torch.nn.functional.cross_entropy(fresh(inputs), y)
+    loss.backward()
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+
+
+def test_generation_frames_like_the_data(synthetic):
+    dm = synthetic
+    net = build(dm)
+    solve(dm, net)
+    ds = dm.datasets["train"]
+    rows = torch.nonzero(ds.document == 2).squeeze(1)
+    doc_targets = ds.framed.targets[rows]
+    for t in range(doc_targets.numel()):
+        expected, _ = ds.collate(rows[t:t + 1])
+        got = net.frame_next(doc_targets[None, :t])
+        for key in ("block", "radial", "position"):
+            assert torch.equal(got[key], expected[key]), (t, key)
+    sp = dm.special_ids
+    out = net.generate(torch.full((3, 1), sp.sod), 20, stop_id=sp.eod, generator=torch.Generator().manual_seed(0),
+                       banned_ids=(sp.pad, sp.sod, sp.frg))
+    assert out.shape[0] == 3 and not torch.isin(out[:, 1:], torch.tensor([sp.pad, sp.sod, sp.frg])).any()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"block_aggregation": "cat"}, "aggregates block sum"),
+    ({"decoder_structure": "lowrank"}, "no structured decoders"),
+    ({"radius": 0}, "radius=0"),
+])
+def test_model_refuses_what_it_cannot_be(synthetic, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build(synthetic, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"heldout_every": 1}, "heldout_every"), ({"radial_smoothing": "witten_bell"}, "radial_smoothing"),
+    ({"block_smoothing": 0.0}, "block_smoothing"), ({"calibration_targets": 0}, "calibration_targets"),
+])
+def test_solver_refuses_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LogLinearSolver(**kwargs)
+
+
+def test_block_sums_through_the_code_bits_equal_the_dense_sums(synthetic, monkeypatch):
+    """The solver sums h_B through E = q Z~ + (1 - q) p (a few bits per code): the same sums as the
+    dense block features; an embedding that has changed (trained) takes the dense path."""
+    dm = synthetic
+    net = build(dm, block_dim=16)  # 16 bits: codes of 1 to 3 bits for this vocabulary
+    solver = LogLinearSolver(progress=False, batch_size=300)
+    data = dm.datasets["train"]
+    parts = (torch.arange(0, len(data), 2), torch.arange(1, len(data), 2))
+    assert net.block_embedding.noise_form() is not None
+    assert int((net.block_embedding.noise_form()[0] > 0).sum(1).max()) > 1
+    fast = solver.block_sums(net, data, *parts)
+    monkeypatch.setattr(net.block_embedding, "noise_form", lambda: None)
+    dense = solver.block_sums(net, data, *parts)
+    assert torch.allclose(fast, dense, rtol=1e-6, atol=1e-9)
+    monkeypatch.undo()
+    with torch.no_grad():
+        net.block_embedding.weight[5] += 1e-3
+    assert net.block_embedding.noise_form() is None
