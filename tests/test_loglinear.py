@@ -200,3 +200,17 @@ def test_block_sums_through_the_code_bits_equal_the_dense_sums(synthetic, monkey
     with torch.no_grad():
         net.block_embedding.weight[5] += 1e-3
     assert net.block_embedding.noise_form() is None
+
+
+def test_callback_refuses_to_train_under_ddp(synthetic):
+    """DDP registers the parameters before the solve sizes the sparse decoders: a warm or cold run
+    of this model under several processes stops with the fix; regime=explicit is allowed."""
+    from types import SimpleNamespace
+
+    from saffu_lab.callbacks import ExplicitSolveCallback
+    from saffu_lab.errors import ConfigError
+
+    callback = ExplicitSolveCallback(LogLinearSolver(progress=False))
+    module = SimpleNamespace(net=build(synthetic), regime="warm")
+    with pytest.raises(ConfigError, match="cannot train under DDP.*regime=explicit"):
+        callback.on_fit_start(SimpleNamespace(world_size=2, ckpt_path=None), module)

@@ -27,7 +27,8 @@ def trained_run(tmp_path_factory, cache_dir):
 def test_run_writes_metrics_json(trained_run):
     m = read_metrics(trained_run)
     for key in ("val/ppl", "test/ppl", "params", "vocab_size", "tokens_seen", "time/fit_s", "time/test_s",
-                "time/prepare_data_s", "time/total_s", "unigram/test_ppl", "data/train_tokens"):
+                "time/prepare_data_s", "time/total_s", "unigram/test_ppl", "data/train_tokens",
+                "baseline/kn2_val_ppl", "baseline/kn3_val_ppl", "baseline/kn2_test_ppl", "baseline/kn3_test_ppl"):
         assert key in m, key
     assert all(math.isfinite(m[k]) for k in ("val/ppl", "test/ppl"))
     assert m["epochs"] == 3 and m["world_size"] == 1 and not m["interrupted"]
@@ -46,6 +47,8 @@ def test_offline_wandb_run_holds_val_ppl_history_and_samples(trained_run):
     assert len(val) >= 3 and val[0] > val[-1]  # one per validation, falling
     summary = [r for r in rows if "test/ppl" in r]
     assert summary and "vocab_size" in summary[-1]
+    for key in ("baseline/kn2_val_ppl", "baseline/kn3_val_ppl", "baseline/kn2_test_ppl", "baseline/kn3_test_ppl"):
+        assert summary[-1][key] == pytest.approx(read_metrics(trained_run)[key])  # the references reach W&B too
     samples = tables(trained_run / "wandb", "samples")
     assert samples[-1]["columns"] == ["step", "text"]
     steps = {row[0] for row in samples[-1]["data"]}

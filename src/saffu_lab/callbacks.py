@@ -158,9 +158,16 @@ class ExplicitSolveCallback(pl.Callback):
         return True
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from saffu_lab.models.loglinear import LogLinearSAFFU
+
         net = pl_module.net
         if not self.check_model(net, pl_module.regime):
             return
+        if isinstance(net, LogLinearSAFFU) and trainer.world_size > 1 and pl_module.regime != "explicit":
+            # DDP registered the parameters before this solve sizes the sparse decoders
+            raise ConfigError(f"model=saffu_loglinear cannot train under DDP (world size {trainer.world_size}): its "
+                              "sparse decoders are sized by the solve, after DDP wraps the model; use one process "
+                              "(trainer=cpu or trainer=gpu), or regime=explicit")
         if trainer.ckpt_path:
             rank_zero_info("explicit solve skipped: resuming from a checkpoint")
             return

@@ -268,23 +268,28 @@ class LogLinearSolver:
 
     @staticmethod
     @torch.no_grad()
-    def _newton_terms(net: LogLinearSAFFU, batches, lam: torch.Tensor):
+    def _newton_terms(net: LogLinearSAFFU, batches, lam: torch.Tensor, max_elements: int = 2**26):
         """Mean NLL of softmax(lam . s) over the batches, and its gradient and Hessian in lam
-        (s [B, E, N]: the expert log-ratios; float32 inside a batch, float64 sums across batches)."""
+        (s [B, E, N]: the expert log-ratios, float32, at most ``max_elements`` values at a time;
+        float64 sums across targets)."""
         E = lam.numel()
         total, count = 0.0, 0
         grad, hess = torch.zeros(E, dtype=torch.float64), torch.zeros(E, E, dtype=torch.float64)
         lam32 = lam.float()
-        for inputs, y in batches:
-            s = net.expert_logits(inputs).float().masked_fill(net.never_target[None, None, :], 0.0)
-            z = torch.matmul(lam32, s).masked_fill(net.never_target[None, :], NEVER)  # [B, N]
-            log_q = torch.log_softmax(z, -1)
-            rows = torch.arange(y.numel())
-            total -= float(log_q[rows, y].double().sum())
-            count += y.numel()
-            q = log_q.exp()
-            mean_s = torch.bmm(s, q[:, :, None]).squeeze(2)  # E_q[s]  [B, E]
-            second = torch.bmm(s * q[:, None, :], s.transpose(1, 2))  # E_q[s s^T]  [B, E, E]
-            grad += (mean_s - s[rows, :, y]).double().sum(0)
-            hess += (second - mean_s[:, :, None] * mean_s[:, None, :]).double().sum(0)
+        rows_per_part = max(1, max_elements // (E * net.vocab_size))
+        for inputs, targets in batches:
+            for start in range(0, targets.numel(), rows_per_part):
+                part = {k: v[start:start + rows_per_part] for k, v in inputs.items()}
+                y = targets[start:start + rows_per_part]
+                s = net.expert_logits(part).float().masked_fill(net.never_target[None, None, :], 0.0)
+                z = torch.matmul(lam32, s).masked_fill(net.never_target[None, :], NEVER)  # [B, N]
+                log_q = torch.log_softmax(z, -1)
+                rows = torch.arange(y.numel())
+                total -= float(log_q[rows, y].double().sum())
+                count += y.numel()
+                q = log_q.exp()
+                mean_s = torch.bmm(s, q[:, :, None]).squeeze(2)  # E_q[s]  [B, E]
+                second = torch.bmm(s * q[:, None, :], s.transpose(1, 2))  # E_q[s s^T]  [B, E, E]
+                grad += (mean_s - s[rows, :, y]).double().sum(0)
+                hess += (second - mean_s[:, :, None] * mean_s[:, None, :]).double().sum(0)
         return total / count, grad / count, hess / count
