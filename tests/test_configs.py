@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from conftest import CONF, compose_config
 from saffu_lab.errors import ConfigError
 from saffu_lab.framing import SpecialIds
-from saffu_lab.train import check_environment
+from saffu_lab.train import check_environment, resolve_precision
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -76,5 +76,6 @@ def test_trainer_option(option, tmp_path):
             check_environment(cfg)
         return
     check_environment(cfg)
+    assert resolve_precision(cfg) in ("32-true", "bf16-mixed")
     trainer = instantiate(cfg.trainer, logger=False)
     assert trainer.num_devices == cfg.trainer.devices

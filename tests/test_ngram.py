@@ -116,3 +116,34 @@ def test_refuses_never_targets_and_overflowing_keys():
         KneserNey(2, 14, SP).fit(torch.tensor([5, SP.pad]), torch.tensor([[6], [7]]))
     with pytest.raises(ValueError, match="overflows"):
         KneserNey(5, 10_000, SP)
+
+
+def test_leave_one_out_offsets_agree_with_recounting():
+    """bigram_leave_one_out: for each seen pair, take one occurrence out of the counts by hand
+    (discounts and P_1 fixed), renormalise nothing, and compare the target's log-ratio to an
+    unseen word's."""
+    ids, offsets = _corpus()
+    y, h = targets_and_histories(ids, offsets, SP, 1)
+    model = KneserNey(2, 14, SP).fit(y, h)
+    stats, p1 = model.orders[1], model.level_probs(1).tolist()
+    d = stats.discounts.tolist()
+    disc = lambda c: 0.0 if c == 0 else d[min(c, 3) - 1]  # noqa: E731
+    pairs = Counter(zip(h[:, 0].tolist(), y.tolist()))
+
+    def prob(after, x, w, remove):
+        seen = {v: c - (v == remove) for (hx, v), c in after.items() if hx == x}
+        total = sum(seen.values())
+        if total == 0:
+            return p1[w]
+        gamma = sum(disc(c) for c in seen.values()) / total
+        return max(seen.get(w, 0) - disc(seen.get(w, 0)), 0.0) / total + gamma * p1[w]
+
+    got = model.bigram_leave_one_out()
+    want = []
+    for x, w in zip((stats.gram_keys // 14).tolist(), (stats.gram_keys % 14).tolist()):
+        unseen = next(v for v in range(4, 14) if (x, v) not in pairs)
+        want.append(math.log(prob(pairs, x, w, w) / prob(pairs, x, w, None))
+                    - math.log(prob(pairs, x, unseen, w) / prob(pairs, x, unseen, None)))
+    assert torch.allclose(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-12)
+    singletons = stats.gram_counts == 1
+    assert singletons.any() and (got[singletons] < 0).all()  # a pair seen once: unseen once it is taken out

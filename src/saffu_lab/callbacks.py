@@ -52,6 +52,23 @@ class PerplexityRiseStopping(pl.Callback):
         self.previous, self.best, self.rises = state_dict["previous"], state_dict["best"], state_dict["rises"]
 
 
+class WallClock(pl.Callback):
+    """Logs ``time/elapsed_s`` beside every validation: seconds since fit started (the explicit
+    solve included), so a learning curve can be read against CPU wall-clock
+    (``scripts/benchmark_time_to_ppl.py``)."""
+
+    def __init__(self):
+        self.start: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.start is None:  # before the explicit solve: this callback is listed first
+            self.start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.start is not None and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            pl_module.log("time/elapsed_s", time.perf_counter() - self.start, on_step=False, on_epoch=True)
+
+
 class SampleCallback(pl.Callback):
     """At every validation, generate documents from ``<sod>`` and log them.
 

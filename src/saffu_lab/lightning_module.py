@@ -53,7 +53,8 @@ class LanguageModelModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
+        # a model solved from counts of these very targets scores them leave-one-out (LogLinearSAFFU)
+        logits = self.net.training_logits(x, y) if hasattr(self.net, "training_logits") else self(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower regime.optimizer.lr")
@@ -64,8 +65,11 @@ class LanguageModelModule(pl.LightningModule):
         return loss
 
     def _evaluate(self, batch, metric: Perplexity, name: str):
+        """Perplexity in full precision whatever the training precision (reported figures do not
+        depend on trainer.precision); the parameters are float32 under mixed precision."""
         x, y = batch
-        logits = self(x).float()
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            logits = self(x).float()
         if logits.dim() == 2:  # one target per row (SAFFU framing): a sequence of length 1
             logits, y = logits.unsqueeze(1), y.unsqueeze(1)
         metric.update(logits, y)

@@ -174,6 +174,37 @@ class KneserNey:
         s = (stats.gram_counts - d).clamp(min=0) / (gamma_mass * p1[w])
         return x, w, torch.log1p(s), torch.log(p1)
 
+    def bigram_leave_one_out(self) -> torch.Tensor:
+        """For every seen pair (x, w) of an order-2 model (in ``bigram_backoff_form``'s order): how
+        much less likely w after x is once one occurrence of (x, w) is taken out of the counts,
+        relative to the words never seen after x:
+
+            delta(x, w) = log P'(w | x) - log P(w | x) - log [P'(v | x) / P(v | x)],  v unseen after x
+
+        where P' has c(x w) - 1, c(x .) - 1 and the back-off mass of those counts (the discounts
+        D and P_1 held fixed); when x was seen once, P' is P_1. A training target's own
+        occurrence is in the counts that score it; adding delta to its logit scores it as held-out
+        text would (leave-one-out), so that backprop on training text does not learn to trust
+        the counts more."""
+        if self.order != 2:
+            raise ValueError(f"bigram_leave_one_out needs an order-2 model, got order {self.order}")
+        p1 = self.level_probs(1)
+        stats = self.orders[1]
+        x, w, c = stats.gram_keys // self.N, stats.gram_keys % self.N, stats.gram_counts
+        D = stats.discounts
+        total = _lookup(stats.hist_keys, stats.hist_total, x)
+        gamma_mass = _lookup(stats.hist_keys, stats.hist_gamma_mass, x)
+        d = D[(c.clamp(max=3) - 1).long()]
+        full = (c - d) / total + gamma_mass / total * p1[w]
+        c_out, total_out = c - 1, total - 1
+        d_out = torch.where(c_out >= 1, D[(c_out.clamp(min=1, max=3) - 1).long()], torch.zeros_like(c))
+        gamma_out = gamma_mass - d + d_out
+        seen = total_out > 0
+        safe = torch.where(seen, total_out, torch.ones_like(total_out))
+        held_out = torch.where(seen, (c_out - d_out).clamp(min=0) / safe + gamma_out / safe * p1[w], p1[w])
+        unseen_ratio = torch.where(seen, gamma_out * total / (gamma_mass * safe), total / gamma_mass)
+        return torch.log(held_out) - torch.log(full) - torch.log(unseen_ratio)
+
     # --- scoring -------------------------------------------------------------------------
     def log_prob(self, targets: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """log P(target | history) for each row, float64 [M]."""

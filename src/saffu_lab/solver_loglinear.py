@@ -139,11 +139,13 @@ class LogLinearSolver:
         p = counts / counts.sum()
         log_p = torch.log(p.clamp(min=1e-300))
         # radial decoders: Kneser-Ney per distance, in the back-off form of KneserNey.bigram_backoff_form
-        col, all_rows, all_cols, all_vals = [], [], [], []
+        col, all_rows, all_cols, all_vals, all_loo = [], [], [], [], []
         for k in range(1, net.radius + 1):
             x_k = token_at_distance(framed, rows, k)
             if self.radial_smoothing == "kneser_ney":
-                x, w, log1p_s, log_p1 = KneserNey(2, N, sp).fit(y, x_k[:, None]).bigram_backoff_form()
+                kn = KneserNey(2, N, sp).fit(y, x_k[:, None])
+                x, w, log1p_s, log_p1 = kn.bigram_backoff_form()
+                all_loo.append(kn.bigram_leave_one_out())  # for a warm start's training targets
             else:
                 x, w, log1p_s, log_p1 = self._additive_form(x_k, y, net.never_target)
             col.append(log_p1 - log_p)
@@ -151,7 +153,8 @@ class LogLinearSolver:
             all_cols.append(w)
             all_vals.append(log1p_s)
         col = torch.stack(col).masked_fill(net.never_target[None, :], 0.0)  # finite: the forward masks them
-        net.set_radial(col.to(net.radial_col.dtype), torch.cat(all_rows), torch.cat(all_cols), torch.cat(all_vals))
+        net.set_radial(col.to(net.radial_col.dtype), torch.cat(all_rows), torch.cat(all_cols), torch.cat(all_vals),
+                       torch.cat(all_loo) if all_loo else None)
         net.log_prior.copy_(log_p.masked_fill(net.never_target, 0.0).to(net.log_prior.dtype))
         report.values["radial_pairs"] = int(sum(v.numel() for v in all_vals))
         if net.has_block:

@@ -36,6 +36,7 @@ def build_components(cfg: DictConfig):
     for callback in callbacks:  # a model the regime cannot solve stops here, before any training
         if isinstance(callback, ExplicitSolveCallback):
             callback.check_model(net, module.regime)
+    resolve_precision(cfg)  # trainer.precision=auto is ours, not Lightning's
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, module, trainer
 
@@ -57,6 +58,30 @@ def check_environment(cfg: DictConfig) -> None:
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer=gpu asks for a CUDA GPU but torch sees none; use trainer=cpu (or trainer=ddp for 2 CPU processes)")
+
+
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX-512 BF16 in its flags). Without
+    either, bfloat16 matmuls are emulated and slower than float32."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:  # not Linux: no cheap way to tell, keep float32
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def resolve_precision(cfg: DictConfig) -> str:
+    """``trainer.precision=auto``: bf16 mixed precision where it is fast (a CUDA device, or a CPU
+    with native bfloat16 matmuls), float32 elsewhere; any other value is Lightning's own."""
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision != "auto":
+        return precision
+    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+    fast = torch.cuda.is_available() if accelerator in ("gpu", "cuda", "auto") else native_bf16_cpu()
+    chosen = "bf16-mixed" if fast else "32-true"
+    with open_dict(cfg):
+        cfg.trainer.precision = chosen
+    return chosen
 
 
 def _missing_keys(node, prefix: str = "") -> list[str]:
@@ -125,6 +150,7 @@ def _run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     (Path(cfg.paths.output_dir) / "failed.json").unlink(missing_ok=True)  # a re-run job folder
     check_environment(cfg)
+    precision = resolve_precision(cfg)
     write_resolved_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -159,7 +185,7 @@ def _run(cfg: DictConfig) -> dict:
 
     tokens_seen = int(trainer.strategy.reduce(module.tokens_seen.float(), reduce_op="sum"))
     metrics = {
-        "val/ppl": val[0]["val/ppl"],
+        "val/ppl": val[0]["val/ppl"] if val else None,  # none with trainer.limit_val_batches=0
         "test/ppl": test[0].get("test/ppl"),
         "unigram/test_ppl": datamodule.unigram_perplexity("train", "test"),
         "unigram/val_ppl": datamodule.unigram_perplexity("train", "dev"),
@@ -180,6 +206,7 @@ def _run(cfg: DictConfig) -> dict:
     metrics["time/total_s"] = time.perf_counter() - start
     metrics["threads"] = torch.get_num_threads()
     metrics["flush_denormal"] = flush_denormal
+    metrics["precision"] = precision
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
@@ -189,7 +216,8 @@ def _run(cfg: DictConfig) -> dict:
         references = "  ".join([f"unigram {metrics['unigram/val_ppl']:.1f}"] + [
             f"KN {n}-gram {metrics[f'baseline/kn{n}_val_ppl']:.1f}" for n in cfg.get("kneser_ney_orders") or []])
         test_text = f"test/ppl {metrics['test/ppl']:.3f}" if metrics["test/ppl"] is not None else "test skipped"
-        print(f"val/ppl {metrics['val/ppl']:.3f}  {test_text}  (dev references: {references})  "
+        val_text = f"val/ppl {metrics['val/ppl']:.3f}" if metrics["val/ppl"] is not None else "validation skipped"
+        print(f"{val_text}  {test_text}  (dev references: {references})  "
               f"-> {cfg.paths.output_dir}/metrics.json")
     return metrics
 

@@ -82,13 +82,17 @@ class LogLinearSAFFU(nn.Module):
         never[[special_ids.pad, special_ids.sod, special_ids.frg]] = True
         self.register_buffer("never_target", never)
         # final layer: lam for distances 1..r, then the block unit, then the prior
-        self.mix = nn.Parameter(torch.zeros(self.n_experts))
+        # (a cold start trains from here: every expert at weight 1 and zero log-ratios, the uniform
+        # distribution; without a solve the radial decoders have no sparse entries, only their columns)
+        self.mix = nn.Parameter(torch.ones(self.n_experts))
         self.log_prior = nn.Parameter(torch.zeros(N))  # log p(y)
         # radial decoders: col[k-1] = log P_k1(y) - log p(y); S_k in CSR rows (k-1) N + x
         self.radial_col = nn.Parameter(torch.zeros(radius, N))
         self.register_buffer("radial_crow", torch.zeros(radius * N + 1, dtype=torch.long))
         self.register_buffer("radial_cols", torch.zeros(0, dtype=torch.long))
         self.radial_values = nn.Parameter(torch.zeros(0))
+        # leave-one-out offset of each sparse entry (KneserNey.bigram_leave_one_out), for training only
+        self.register_buffer("radial_loo", torch.zeros(0))
         if self.has_block:
             self.block_embedding = embedding(token_counts, block_dim)
             self.block_U = nn.Parameter(torch.zeros(block_dim, N))
@@ -101,19 +105,22 @@ class LogLinearSAFFU(nn.Module):
         return [f"radial_{k}" for k in range(1, self.radius + 1)] + (["block"] if self.has_block else []) + ["prior"]
 
     # --- the sparse radial decoders --------------------------------------------------------
-    def set_radial(self, col: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+    def set_radial(self, col: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                   loo: torch.Tensor | None = None) -> None:
         """Store the radial decoders: ``col [r, N]`` and the sparse entries (row (k-1) N + x, column y,
-        value log1p(S)), rows sorted ascending."""
+        value log1p(S)), sorted by row then column; ``loo`` the entries' leave-one-out offsets
+        (none: training scores its targets with the counts that include them)."""
         with torch.no_grad():
             self.radial_col.copy_(col)
             counts = torch.bincount(rows, minlength=self.radius * self.vocab_size)
             self.radial_crow.copy_(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]))
             self.radial_cols = cols.to(self.radial_crow.device)
             self.radial_values.data = values.to(self.radial_col.dtype).to(self.radial_col.device)
+            self.radial_loo = (torch.zeros(0) if loo is None else loo).to(self.radial_col.dtype).to(self.radial_col.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """The sparse decoders' size is the data's: take it from the checkpoint before loading."""
-        for name in ("radial_cols", "radial_values"):
+        for name in ("radial_cols", "radial_values", "radial_loo"):
             if prefix + name in state_dict:
                 incoming = state_dict[prefix + name]
                 getattr(self, name).data = torch.empty_like(incoming, device=self.radial_crow.device)
@@ -171,6 +178,33 @@ class LogLinearSAFFU(nn.Module):
         if self.has_block:
             logits = logits + lam[r] * (self.block_features(inputs["block"], inputs["position"]) @ self.block_U)
         return logits.masked_fill(self.never_target, NEVER)
+
+    def _entry_keys(self) -> torch.Tensor:
+        """(CSR row) N + column of every sparse entry, ascending; cached until the decoders change."""
+        cached = getattr(self, "_keys_cache", None)
+        if cached is None or cached[0] != (self.radial_cols.data_ptr(), self.radial_cols.numel()):
+            row = torch.repeat_interleave(torch.arange(self.radius * self.vocab_size, device=self.radial_cols.device),
+                                          self.radial_crow.diff(), output_size=self.radial_cols.numel())
+            self._keys_cache = ((self.radial_cols.data_ptr(), self.radial_cols.numel()), row * self.vocab_size + self.radial_cols)
+        return self._keys_cache[1]
+
+    def training_logits(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        """The logits that backprop on *training* targets sees: ``forward``, with each radial
+        expert's score of the target taken as if its own occurrence were not in the counts
+        (leave-one-out: + lam_k delta_k(x_k, y)). Without it a warm start learns to trust counts
+        that include the very target they score (dev perplexity rises from the first step)."""
+        logits = self(inputs)
+        if self.radial_loo.numel() == 0:
+            return logits
+        rows = self._radial_rows(inputs["radial"])  # [B, r]
+        start, end = self.radial_crow[rows], self.radial_crow[rows + 1]
+        entry_keys = self._entry_keys()  # row N + column of every entry: sorted (columns sorted within a row)
+        query = rows * self.vocab_size + targets[:, None]
+        pos = torch.searchsorted(entry_keys, query).clamp(max=max(entry_keys.numel() - 1, 0))
+        found = (pos < end) & (pos >= start) & (entry_keys[pos] == query)
+        delta = torch.where(found, self.radial_loo[pos], torch.zeros((), dtype=self.radial_loo.dtype, device=rows.device))
+        offset = (delta * self.mix[: self.radius]).sum(1)
+        return logits.scatter_add(1, targets[:, None], offset[:, None].to(logits.dtype))
 
     # --- generation ---------------------------------------------------------------------------
     def frame_next(self, generated: torch.Tensor) -> dict:
