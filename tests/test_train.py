@@ -45,8 +45,8 @@ def test_offline_wandb_run_holds_val_ppl_history_and_samples(trained_run):
     rows = history(trained_run / "wandb")
     val = [r["val/ppl"] for r in rows if "val/ppl" in r]
     assert len(val) >= 3 and val[0] > val[-1]  # one per validation, falling
-    clock = [r["time/elapsed_s"] for r in rows if "val/ppl" in r]  # callbacks.WallClock, beside each validation
-    assert len(clock) == len(val) and all(0 < a < b for a, b in zip(clock, clock[1:]))
+    clock = [r["time/elapsed_s"] for r in rows if "time/elapsed_s" in r]  # callbacks.WallClock, one per validation
+    assert len(clock) == 3 and 0 < clock[0] < clock[1] < clock[2]  # the 3 validations of fit (3 epochs)
     summary = [r for r in rows if "test/ppl" in r]
     assert summary and "vocab_size" in summary[-1]
     for key in ("baseline/kn2_val_ppl", "baseline/kn3_val_ppl", "baseline/kn2_test_ppl", "baseline/kn3_test_ppl"):
