@@ -197,11 +197,10 @@ class LogLinearSAFFU(nn.Module):
         if self.radial_loo.numel() == 0:
             return logits
         rows = self._radial_rows(inputs["radial"])  # [B, r]
-        start, end = self.radial_crow[rows], self.radial_crow[rows + 1]
-        entry_keys = self._entry_keys()  # row N + column of every entry: sorted (columns sorted within a row)
+        entry_keys = self._entry_keys()  # row N + column of every entry: unique and sorted
         query = rows * self.vocab_size + targets[:, None]
         pos = torch.searchsorted(entry_keys, query).clamp(max=max(entry_keys.numel() - 1, 0))
-        found = (pos < end) & (pos >= start) & (entry_keys[pos] == query)
+        found = entry_keys[pos] == query  # the key holds the row, so a match is in the target's row
         delta = torch.where(found, self.radial_loo[pos], torch.zeros((), dtype=self.radial_loo.dtype, device=rows.device))
         offset = (delta * self.mix[: self.radius]).sum(1)
         return logits.scatter_add(1, targets[:, None], offset[:, None].to(logits.dtype))
