@@ -13,7 +13,10 @@ sys.path.insert(0, os.path.join(ROOT, "src"))  # runs from a checkout without `p
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from saffu_lab.resume import register_resolvers  # noqa: E402
 from saffu_lab.train import main_guarded  # noqa: E402
+
+register_resolvers()  # ${run_folder:...} in conf/hydra/default.yaml
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -45,8 +45,8 @@ def run_model(name: str, args, out: Path) -> list[dict]:
     folder = out / "runs" / name
     hh, mm = divmod(args.minutes, 60)
     cmd = [sys.executable, str(ROOT / "train.py"), *RUNS[name], "data=text_dir", f"data.path={args.data}",
-           "logger=csv", f"++trainer.max_time=00:{int(hh):02d}:{int(mm):02d}:00", f"trainer.max_epochs={args.max_epochs}",
-           f"++trainer.val_check_interval={1 / args.vals}", f"hydra.run.dir={folder}", f"seed={args.seed}",
+           "logger=csv", f"trainer.max_time=00:{int(hh):02d}:{int(mm):02d}:00", f"trainer.max_epochs={args.max_epochs}",
+           f"trainer.val_check_interval={1 / args.vals}", f"hydra.run.dir={folder}", f"seed={args.seed}",
            "callbacks.early_stopping.max_rises=1000000", *args.extra]
     if name == "gpt":
         cmd += [f"regime.optimizer.lr={args.gpt_lr}", f"model.d_model={args.gpt_d_model}", f"model.n_layer={args.gpt_layers}"]

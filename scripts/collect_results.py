@@ -97,7 +97,10 @@ def read_job(job: Path) -> dict:
     if (job / "metrics.json").exists():
         metrics = json.loads((job / "metrics.json").read_text())
         row.update({column: metrics.get(key) for key, column in METRIC_COLUMNS.items()})
-        row["status"], row["error"] = "ok", ""
+        if metrics.get("interrupted"):  # stopped by a signal: re-running the sweep resumes it
+            row["status"], row["error"] = "stopped", f"stopped by {metrics.get('signal')} at step {metrics.get('global_step')}"
+        else:
+            row["status"], row["error"] = "ok", ""
     elif (job / "failed.json").exists():
         row["status"], row["error"] = "failed", json.loads((job / "failed.json").read_text())["error"]
     else:
@@ -107,9 +110,19 @@ def read_job(job: Path) -> dict:
 
 def collect(sweep: Path) -> pd.DataFrame:
     jobs = sorted((p.parent for p in sweep.glob("*/.hydra")), key=lambda p: (len(p.name), p.name))
-    if not jobs:
+    if not jobs and not (sweep / "plan.json").exists():
         raise SystemExit(f"error: no job folders (*/.hydra) under {sweep}; give a multirun folder (logs/train/multiruns/...)")
-    frame = pd.DataFrame([read_job(j) for j in jobs])
+    rows = [read_job(j) for j in jobs]
+    plan = sweep / "plan.json"  # saffu_lab.hydra_callbacks.SweepPlan: jobs planned but never started
+    if plan.exists():
+        started = {r["job"] for r in rows}
+        rows += [{"job": str(j["num"]), "folder": str(sweep / str(j["num"])), "overrides": " ".join(j["overrides"]),
+                  "status": "missing", "error": "planned, never started"}
+                 for j in json.loads(plan.read_text())["jobs"] if str(j["num"]) not in started]
+    frame = pd.DataFrame(rows)
+    for column in CONFIG_COLUMNS.values():
+        if column not in frame:
+            frame[column] = None
     for column in METRIC_COLUMNS.values():
         if column not in frame:
             frame[column] = float("nan")
@@ -127,6 +140,8 @@ def read_curves(frame: pd.DataFrame) -> pd.DataFrame:
         log = pd.read_csv(path)
         if "val/ppl" in log and log["val/ppl"].notna().any():
             curve = log.loc[log["val/ppl"].notna(), ["step", "val/ppl"]].rename(columns={"val/ppl": "dev_ppl"})
+            # one point per step: the run's closing summary row repeats a value at the last step
+            curve = curve.drop_duplicates("step", keep="first")
             if "explicit/val_ppl" in log:  # only before a trained curve: an explicit-only run stays one point
                 solved = log.loc[log["explicit/val_ppl"].notna(), ["step", "explicit/val_ppl"]]
                 if len(solved) and (curve["step"] > solved["step"].max()).all():
@@ -211,7 +226,7 @@ def references_line(jobs: pd.DataFrame) -> str:
 
 def write_markdown(frame: pd.DataFrame, out: Path) -> str:
     failed = frame[frame["status"] != "ok"]
-    lines = [f"# Results of {len(frame)} jobs ({len(frame) - len(failed)} ok, {len(failed)} failed or incomplete)", ""]
+    lines = [f"# Results of {len(frame)} jobs ({len(frame) - len(failed)} ok, {len(failed)} failed, stopped, incomplete or missing)", ""]
     if is_grid(frame):
         for (name, cells), (_, group, _, _) in zip(grid_tables(frame).items(), combinations(frame)):
             lines += [f"## {name.replace('_', ' ')}", "",
@@ -316,8 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     pictures = plot_heatmaps(frame, out) if is_grid(frame) else []
     curve_plot = plot_curves(frame, curves, out)
     pictures += [curve_plot] if curve_plot else []
-    ok = int((frame["status"] == "ok").sum())
-    print(f"{len(frame)} jobs ({ok} ok) -> {out}/results.csv, results.md" + "".join(f", {p.name}" for p in pictures))
+    counts = frame["status"].value_counts()
+    status = ", ".join(f"{counts[s]} {s}" for s in ("ok", "failed", "stopped", "incomplete", "missing") if s in counts)
+    planned = "planned jobs" if (args.sweep / "plan.json").exists() else "jobs"
+    print(f"{len(frame)} {planned}: {status} -> {out}/results.csv, results.md" + "".join(f", {p.name}" for p in pictures))
+    if "stopped" in counts or "missing" in counts:
+        print(f"to finish the sweep, re-run its command with hydra.sweep.dir={args.sweep}")
     return 0
 
 

@@ -17,6 +17,10 @@ from omegaconf import open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT / "src"))
+from saffu_lab.resume import register_resolvers  # noqa: E402
+
+register_resolvers()  # conf/hydra/default.yaml's ${run_folder:...}, as train.py registers it
 
 # tests never reach the network: W&B offline, the Hugging Face hub answered from the cache only
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -4,6 +4,7 @@ tags, shared caches), an Optuna search, the results collector and the analysis n
 from __future__ import annotations
 
 import json
+import os
 import math
 import subprocess
 import sys
@@ -211,13 +212,28 @@ def test_analysis_notebook_runs_end_to_end(fixture_sweep, tmp_path, monkeypatch)
     assert collect_results.main([str(fixture_sweep), "--out", str(results)]) == 0
     assert len(pd.read_csv(results / "curves.csv")) == 6
     notebook = nbformat.read(ROOT / "notebooks" / "analysis.ipynb", as_version=4)
-    monkeypatch.setenv("SAFFU_RESULTS", str(results))
+    monkeypatch.setenv("SAFFU_LAB_ROOT", str(tmp_path))  # the repository root, as the kernel in notebooks/ sees it
+    monkeypatch.setenv("SAFFU_RESULTS", "results")  # relative to that root
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "10 jobs" in text and "best: r=8 b=8 block sum radial cat: dev 75.0" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2  # heatmaps and learning curves
+    assert {p.name for p in results.glob("notebook_*.png")} >= {"notebook_appendix_d.png", "notebook_warm_vs_cold.png"}
+
+
+def test_analysis_notebook_runs_headless_with_the_readme_command(fixture_sweep, tmp_path):
+    """notebooks/README.md: `SAFFU_RESULTS=... jupyter execute notebooks/analysis.ipynb`, from the
+    repository root, with what requirements.txt installs (nbclient's jupyter-execute)."""
+    results = tmp_path / "results"
+    assert collect_results.main([str(fixture_sweep), "--out", str(results)]) == 0
+    jupyter_execute = Path(sys.executable).parent / "jupyter-execute"
+    env = {**os.environ, "SAFFU_RESULTS": str(results)}
+    proc = subprocess.run([str(jupyter_execute), "notebooks/analysis.ipynb"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (results / "notebook_appendix_d.png").exists()
 
 
 def test_optuna_search_runs_and_records_the_best_trial(tmp_path):

@@ -93,9 +93,9 @@ def test_causal_windows_never_see_the_future():
 
 
 def test_first_n_tokens_keeps_whole_documents():
-    ids, offsets = first_n_tokens(IDS, OFFSETS, 7)  # doc 1 has 6 targets, doc 2 has 3
-    assert offsets.tolist() == [0, 5] and ids.tolist() == [10, 11, 12, 13, 14]
-    ids, offsets = first_n_tokens(IDS, OFFSETS, 9)
-    assert offsets.tolist() == [0, 5, 7]
-    ids, offsets = first_n_tokens(IDS, OFFSETS, 1)  # at least one document
-    assert offsets.tolist() == [0, 5]
+    ids, offsets, cut = first_n_tokens(IDS, OFFSETS, 7)  # doc 1 has 6 targets, doc 2 has 3
+    assert offsets.tolist() == [0, 5] and ids.tolist() == [10, 11, 12, 13, 14] and cut is None
+    ids, offsets, cut = first_n_tokens(IDS, OFFSETS, 9)
+    assert offsets.tolist() == [0, 5, 7] and cut is None
+    ids, offsets, cut = first_n_tokens(IDS, OFFSETS, 1)  # a first document longer than the limit is cut
+    assert offsets.tolist() == [0, 0] and ids.tolist() == [] and cut == 6

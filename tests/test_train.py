@@ -96,8 +96,19 @@ def test_ddp_with_two_cpu_processes(tmp_path, cache_dir):
     (["model=saffu_loglinear", "regime=explicit", "solver=default"], "error: a LogLinearSAFFU is solved by solver=loglinear"),
     (["kneser_ney_orders=[2,5]"], "error: kneser_ney_orders has 5; give n-gram orders in 1..4"),
     (["model=saffu_cat_r8", "solver.tuning_iterations=-1"], "error: solver.tuning_iterations=-1 must be >= 0"),
+    # the whole config is checked (types and ranges) before any data is read
+    (["model=saffu_loglinear", "regime=explicit", "model.radius=eight"],
+     "error: model.radius='eight' is not an integer (LogLinearSAFFU takes radius: an integer); give e.g. model.radius=8"),
+    (["model.d_model=1.5"], "error: model.d_model=1.5 is not an integer"),
+    (["regime.optimizer.lr=-0.001"], "error: regime.optimizer.lr=-0.001 must be a learning rate > 0"),
+    (["trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing with regime=cold (backprop)"),
+    (["trainer.limit_val_batches=1.5"], "error: trainer.limit_val_batches=1.5 must be null, a fraction in [0, 1]"),
+    (["data.batch_size=0"], "error: data.batch_size=0 must be null or an integer >= 1"),
+    (["logger=wandb", "logger.offline=false"], "error: logger.offline=false syncs to W&B, but no credentials were found"),
 ])
-def test_bad_input_is_one_clear_line_before_training(overrides, message, tmp_path, cache_dir):
+def test_bad_input_is_one_clear_line_before_training(overrides, message, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` credentials either
     base = [o for o in TINY if not o.startswith("data.corpus.")] if "data=text_dir" in overrides else TINY
     if any(o.startswith(("regime=", "model=")) for o in overrides):  # these replace the GPT baseline's choices
         base = [o for o in TINY_DATA if o.startswith("data.corpus.")] + [o for o in overrides if o.startswith(("regime=", "model="))]
@@ -213,3 +224,34 @@ def test_flush_denormal_is_set_once_per_process(monkeypatch):
     monkeypatch.setattr(train_module, "_FLUSH_DENORMAL", {})
     monkeypatch.setattr(torch, "set_flush_denormal", lambda on: False)  # a CPU without the mode
     assert train_module.set_flush_denormal(True) is False
+
+
+def test_common_trainer_keys_need_no_plus_and_a_model_worse_than_unigram_is_flagged(tmp_path, cache_dir):
+    run_dir = tmp_path / "one-step"
+    proc = run_train(TINY + ["trainer.max_steps=1", "trainer.accumulate_grad_batches=1", "trainer.gradient_clip_val=0.5",
+                             "trainer.limit_train_batches=1.0", "trainer.val_check_interval=1.0", "logger=csv"], run_dir, cache_dir)
+    m = read_metrics(run_dir)
+    assert m["global_step"] == 1
+    assert m["val/ppl"] > m["unigram/val_ppl"]  # one step of a random GPT: worse than token frequencies
+    assert m["warning/worse_than_unigram"] == 1 and "worse than the unigram on dev" in m["warnings"][0]
+    assert "warning: the final model is worse than the unigram on dev" in proc.stderr
+    assert "warning/worse_than_unigram" in (run_dir / "csv" / "metrics.csv").read_text()
+
+
+def test_validation_can_be_switched_off(tmp_path, cache_dir):
+    run_dir = tmp_path / "no-val"
+    proc = run_train(TINY + ["trainer.max_steps=2", "trainer.limit_val_batches=0"], run_dir, cache_dir)
+    m = read_metrics(run_dir)
+    assert m["val/ppl"] is None and m["global_step"] == 2 and m["test/ppl"] > 1
+    assert "validation skipped" in proc.stdout and m["warnings"] == []
+
+
+def test_progress_lines_reach_a_redirected_stderr_and_train_log(tmp_path, cache_dir):
+    run_dir = tmp_path / "progress"
+    proc = run_train(TINY + ["trainer.max_epochs=1", "callbacks.progress.every_s=0.001"], run_dir, cache_dir)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("step ")]
+    assert len(lines) >= 5, proc.stderr[-2000:]  # not a terminal: plain lines, one per step at this interval
+    assert all("tok/s" in line and "loss" in line and "elapsed" in line for line in lines)
+    assert "ETA" in lines[0] and "\r" not in proc.stderr  # no progress bar
+    log = (run_dir / "train.log").read_text()
+    assert "| loss " in log and "validation at step" in log and "training ended" in log

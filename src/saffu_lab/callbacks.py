@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -188,7 +189,9 @@ class ExplicitSolveCallback(pl.Callback):
         if trainer.ckpt_path:
             rank_zero_info("explicit solve skipped: resuming from a checkpoint")
             return
-        self.solver.progress = self.solver.progress and trainer.is_global_zero
+        # tqdm bars on a terminal only: in a log file their carriage returns are noise
+        self.solver.progress = self.solver.progress and trainer.is_global_zero and sys.stderr.isatty()
+        rank_zero_info(f"explicit solve of {type(net).__name__} over {len(trainer.datamodule.datasets['train']):,} training targets")
         start = time.perf_counter()
         device = pl_module.device
         net.cpu()  # the solver streams CPU-held data into float64 CPU sums; the model returns to its device after

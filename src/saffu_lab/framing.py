@@ -41,16 +41,21 @@ def document_lengths(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def first_n_tokens(ids: torch.Tensor, offsets: torch.Tensor, n_tokens: int | None):
-    """The longest prefix of whole documents whose targets (tokens + ``<eod>``) number <= n.
+    """The first ``n_tokens`` targets (tokens + ``<eod>``) of a split: ``(ids, offsets, cut)``.
 
-    At least one document is always kept. ``None`` keeps everything.
+    Whole documents are kept while they fit. If the first document alone has more than n
+    targets, it is cut to its first n - 1 tokens (n targets with its ``<eod>``), so the limit
+    holds exactly: ``cut`` is then that document's target count before the cut, else None.
+    ``None`` keeps everything.
     """
     if n_tokens is None:
-        return ids, offsets
+        return ids, offsets, None
     targets_cum = torch.cumsum(document_lengths(offsets) + 1, 0)
-    n_docs = max(1, int((targets_cum <= n_tokens).sum()))
+    n_docs = int((targets_cum <= n_tokens).sum())
+    if n_docs == 0 and targets_cum.numel() > 0:
+        return ids[: n_tokens - 1], offsets.new_tensor([0, n_tokens - 1]), int(targets_cum[0])
     offsets = offsets[: n_docs + 1]
-    return ids[: int(offsets[-1])], offsets
+    return ids[: int(offsets[-1])], offsets, None
 
 
 def document_stream(ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds) -> torch.Tensor:

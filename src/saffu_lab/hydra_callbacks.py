@@ -1,4 +1,5 @@
-"""Hydra callbacks: the run-directory check before Hydra creates it, and a multirun's failure summary."""
+"""Hydra callbacks: the run-directory check before Hydra creates it, a multirun's plan (the jobs
+it will run, so that a stopped sweep shows what is missing), and its failure summary."""
 
 from __future__ import annotations
 
@@ -29,6 +30,37 @@ class RunDirCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check_writable(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def planned_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every job of a basic-sweeper multirun, in Hydra's job order (the
+    sweeper's own expansion of ``hydra.sweeper.params`` and the command line); None for other
+    sweepers (an Optuna search decides its trials as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+    return BasicSweeper.split_arguments(overrides, None)[0]
+
+
+class SweepPlan(Callback):
+    """``plan.json`` in the sweep folder: each planned job's number and overrides. Re-running the
+    same command with ``hydra.sweep.dir=<that folder>`` skips the jobs that finished (their
+    ``metrics.json``), resumes stopped ones from their ``last.ckpt``, and runs the rest;
+    ``scripts/collect_results.py`` lists planned jobs that have no result."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        jobs = planned_jobs(config)
+        if jobs is None:
+            return
+        sweep = Path(config.hydra.sweep.dir)
+        sweep.mkdir(parents=True, exist_ok=True)
+        plan = {"overrides": list(config.hydra.overrides.task), "jobs": [{"num": i, "overrides": o} for i, o in enumerate(jobs)]}
+        (sweep / "plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        (sweep / "stopped.json").unlink(missing_ok=True)  # this sweep goes on
 
 
 class SweepSummary(Callback):

@@ -47,6 +47,13 @@ class LanguageModelModule(pl.LightningModule):
         self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         # targets trained on by this process; saved in checkpoints so that a resumed run keeps counting
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        # config, data-derived model arguments and tokenizer (saffu_lab.train.run_record): saved in
+        # every checkpoint under "saffu_lab", so eval.py and generate.py need no training corpus
+        self.run_record: dict | None = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.run_record is not None:
+            checkpoint["saffu_lab"] = self.run_record
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)

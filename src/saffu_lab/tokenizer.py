@@ -14,10 +14,15 @@ Training (``CountBPE.train``):
 The result is a ``tokenizers.Tokenizer`` (a BPE model with the kept merges), used for fast
 batched encoding and saved as ``tokenizer.json`` with each run. The special tokens have fixed
 ids 0-3 and are never split.
+
+``FixedTokenizer`` stands in for ``CountBPE`` where a run's tokenizer is reused rather than
+trained (``eval.py`` on a new corpus); ``decode_text`` turns a whole sequence of byte-level ids
+back into text (``generate.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -182,3 +187,66 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:
     if idx is None:
         raise DataError(f"tokenizer has no special token {token!r}; retrain it with saffu_lab.tokenizer.CountBPE")
     return idx
+
+
+class FixedTokenizer:
+    """A tokenizer that is given, not trained: the interface ``LMDataModule`` expects of ``CountBPE``
+    (``train``, ``cache_key``, ``stats``), returning one fixed ``Tokenizer`` whatever the corpus.
+
+    ``eval.py`` tokenises a new corpus with the checkpoint's own tokenizer through it, so the ids
+    mean what they meant in training; the data cache is keyed by a hash of the tokenizer's JSON.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | str):
+        self.json = tokenizer if isinstance(tokenizer, str) else tokenizer.to_str()
+        try:
+            self.tokenizer = Tokenizer.from_str(self.json)
+        except Exception as err:  # noqa: BLE001 - the tokenizers library raises its own Exception type
+            raise DataError(f"not a tokenizers.Tokenizer JSON ({str(err).splitlines()[0] if str(err) else err!r})") from None
+        for token in SPECIAL_TOKENS:
+            special_id(self.tokenizer, token)
+        self.stats: dict = {}
+
+    def cache_key(self) -> dict:
+        """A hash of the tokenizer itself: another tokenizer, or one trained on the corpus, never shares the cache."""
+        return {"fixed_tokenizer": hashlib.blake2b(self.json.encode(), digest_size=16).hexdigest()}
+
+    def train(self, documents: Iterable[str]) -> Tokenizer:
+        """The fixed tokenizer (``documents`` are not read)."""
+        self.stats = {"vocab": self.tokenizer.get_vocab_size(), "fixed": True}
+        return Tokenizer.from_str(self.json)
+
+
+def _byte_of_symbol() -> dict[str, int]:
+    """The byte each of the byte-level alphabet's 256 symbols stands for (GPT-2's table): the
+    printable bytes ``!``..``~``, ``¡``..``¬`` and ``®``..``ÿ`` stand for themselves; the other 68
+    bytes, in increasing order, are the symbols U+0100, U+0101, ..."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, shifted = {}, 0x100
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(shifted)] = byte
+            shifted += 1
+    return table
+
+
+BYTE_OF_SYMBOL = _byte_of_symbol()
+
+
+def decode_text(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    """The text of a whole sequence of byte-level token ids, decoded once: the tokens' bytes are
+    joined first and read as UTF-8 at the end, so a character whose bytes span several tokens
+    comes out whole. Special tokens are skipped; bytes that form no character (one cut off at the
+    end of a truncated sample, or stray bytes a model emitted) are dropped, never shown as U+FFFD."""
+    specials = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    data = bytearray()
+    for i in ids:
+        if i in specials:
+            continue
+        token = tokenizer.id_to_token(int(i))
+        if token is None:
+            raise DataError(f"token id {i} is outside the tokenizer's vocabulary of {tokenizer.get_vocab_size()}")
+        data.extend(BYTE_OF_SYMBOL[symbol] for symbol in token)
+    return data.decode("utf-8", errors="ignore")

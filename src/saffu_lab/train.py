@@ -7,8 +7,11 @@ parameter count, vocabulary size, tokens seen, and the wall-clock of each phase)
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import netrc
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -19,9 +22,13 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from pytorch_lightning.loggers import WandbLogger
 
 from saffu_lab.callbacks import ExplicitSolveCallback
+from saffu_lab.config_check import check_config
 from saffu_lab.errors import ConfigError, SaffuLabError
+from saffu_lab.progress import attach_run_log, detach_run_log, stderr_is_terminal
+from saffu_lab.resume import EXIT_CODES, StopHandling
 
 
 def build_components(cfg: DictConfig):
@@ -29,16 +36,34 @@ def build_components(cfg: DictConfig):
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    net = instantiate(cfg.model, **datamodule.model_kwargs())
+    model_kwargs = datamodule.model_kwargs()
+    net = instantiate(cfg.model, **model_kwargs)
     module = instantiate(cfg.regime, net=net)
+    module.run_record = run_record(cfg, model_kwargs, datamodule.tokenizer)  # inside every checkpoint
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     for callback in callbacks:  # a model the regime cannot solve stops here, before any training
         if isinstance(callback, ExplicitSolveCallback):
             callback.check_model(net, module.regime)
+    callbacks.append(StopHandling())  # last.ckpt on SIGTERM / Ctrl-C; random states in checkpoints
     resolve_precision(cfg)  # trainer.precision=auto is ours, not Lightning's
+    with open_dict(cfg):
+        if cfg.trainer.get("enable_progress_bar") is None:  # a bar's carriage returns are noise in a log file
+            cfg.trainer.enable_progress_bar = stderr_is_terminal()
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, module, trainer
+
+
+def run_record(cfg: DictConfig, model_kwargs: dict, tokenizer) -> dict:
+    """What a checkpoint needs to stand alone (``saffu_lab.checkpoint.load_run``): the run's config,
+    the data-derived model arguments and the tokenizer, so eval.py and generate.py rebuild the
+    model without the training corpus."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - outside a Hydra run (tests): ${hydra:...} cannot resolve
+        config = OmegaConf.to_container(cfg, resolve=False)
+    kwargs = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v) for k, v in model_kwargs.items()}
+    return {"config": config, "model_kwargs": kwargs, "tokenizer": tokenizer.to_str()}
 
 
 def check_environment(cfg: DictConfig) -> None:
@@ -55,9 +80,24 @@ def check_environment(cfg: DictConfig) -> None:
                               "(or kneser_ney_orders=[] for none)")
     if orders is not None and not isinstance(orders, (list, ListConfig)):
         raise ConfigError(f"kneser_ney_orders={orders!r} must be a list of n-gram orders, e.g. kneser_ney_orders=[2,3]")
+    if OmegaConf.select(cfg, "logger.wandb") is not None and not cfg.logger.get("offline", True) and not wandb_credentials():
+        raise ConfigError("logger.offline=false syncs to W&B, but no credentials were found (WANDB_API_KEY, or ~/.netrc "
+                          "from `wandb login`): run `wandb login`, or keep logger.offline=true and upload later with "
+                          "`wandb sync RUN/wandb/offline-run-*`")
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer=gpu asks for a CUDA GPU but torch sees none; use trainer=cpu (or trainer=ddp for 2 CPU processes)")
+
+
+def wandb_credentials() -> bool:
+    """Whether W&B can authenticate: an API key in the environment, or the ~/.netrc entry that
+    ``wandb login`` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -104,6 +144,20 @@ def write_resolved_config(cfg: DictConfig) -> None:
     (folder / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
 
+def continue_wandb_run(cfg: DictConfig) -> None:
+    """One W&B run per run folder: the id is kept in ``wandb_id.txt``, so a run resumed into its
+    folder (or a re-run sweep job) logs into the same W&B run, resumed, not a new one."""
+    wandb_cfg = OmegaConf.select(cfg, "logger.wandb")
+    if not isinstance(wandb_cfg, DictConfig) or wandb_cfg.get("id"):
+        return
+    path = Path(cfg.paths.output_dir) / "wandb_id.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = path.read_text().strip() if path.exists() else secrets.token_hex(6)  # not from the seeded RNGs
+    path.write_text(run_id + "\n")
+    with open_dict(cfg):
+        wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
+
+
 _FLUSH_DENORMAL: dict = {}  # this process's setting: {"requested": bool, "on": bool}
 
 
@@ -127,6 +181,7 @@ def set_flush_denormal(requested: bool) -> bool:
 def run(cfg: DictConfig) -> dict:
     """Train, validate and test; return (and write) the metrics of the run."""
     threads = torch.get_num_threads()
+    run_log = attach_run_log(cfg.paths.output_dir)  # progress and Lightning's messages into train.log
     try:
         metrics = _run(cfg)
     except BaseException:
@@ -134,6 +189,7 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         torch.set_num_threads(threads)  # a later job in this process starts from the default again
+        detach_run_log(run_log)
     _finish_wandb(exit_code=0)
     return metrics
 
@@ -150,7 +206,9 @@ def _run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     (Path(cfg.paths.output_dir) / "failed.json").unlink(missing_ok=True)  # a re-run job folder
     check_environment(cfg)
-    precision = resolve_precision(cfg)
+    precision = resolve_precision(cfg)  # trainer.precision=auto -> a Lightning value, before the type check
+    check_config(cfg)  # types and ranges, before any data is read
+    continue_wandb_run(cfg)
     write_resolved_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -167,10 +225,15 @@ def _run(cfg: DictConfig) -> dict:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     t = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except (SystemExit, KeyboardInterrupt):
+        stop = next(cb for cb in trainer.callbacks if isinstance(cb, StopHandling))
+        if stop.stopped_by is None:
+            raise
+        raise RunStopped(stop.stopped_by, _stopped_metrics(cfg, trainer, module, stop, start)) from None
     timings["time/fit_s"] = time.perf_counter() - t
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""  # none if fit trained nothing
-    ckpt = best if best and Path(best).exists() else None
+    ckpt = _best_checkpoint(trainer)  # none if fit trained nothing
 
     callback_metrics = {k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()}
     t = time.perf_counter()
@@ -203,6 +266,8 @@ def _run(cfg: DictConfig) -> dict:
         "ddp_backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         **timings,
     }
+    metrics["warnings"] = references_warnings(metrics)
+    metrics["warning/worse_than_unigram"] = int(bool(metrics["warnings"]))
     metrics["time/total_s"] = time.perf_counter() - start
     metrics["threads"] = torch.get_num_threads()
     metrics["flush_denormal"] = flush_denormal
@@ -210,8 +275,14 @@ def _run(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            logger.save()  # after test, Lightning has already flushed its loggers for the last time
         tokenizer_path = Path(cfg.paths.output_dir) / "tokenizer.json"
         datamodule.tokenizer.save(str(tokenizer_path))
+        for text in metrics["warnings"]:
+            print(f"warning: {text}", file=sys.stderr)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.summary["warnings"] = "; ".join(metrics["warnings"])
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         references = "  ".join([f"unigram {metrics['unigram/val_ppl']:.1f}"] + [
             f"KN {n}-gram {metrics[f'baseline/kn{n}_val_ppl']:.1f}" for n in cfg.get("kneser_ney_orders") or []])
@@ -220,6 +291,49 @@ def _run(cfg: DictConfig) -> dict:
         print(f"{val_text}  {test_text}  (dev references: {references})  "
               f"-> {cfg.paths.output_dir}/metrics.json")
     return metrics
+
+
+def references_warnings(metrics: dict) -> list[str]:
+    """A model worse on dev than the add-one unigram on the same targets has learnt less than
+    token frequencies: said in the console, metrics.json and W&B, not left for a reader to find."""
+    unigram = metrics.get("unigram/val_ppl")
+    out = []
+    for key, what in (("explicit/val_ppl", "the explicitly solved model"), ("val/ppl", "the final model")):
+        value = metrics.get(key)
+        if value is not None and unigram is not None and value > unigram:
+            out.append(f"{what} is worse than the unigram on dev ({key} {value:.1f} > unigram {unigram:.1f}): too little "
+                       f"training data for its size (data.train_tokens={metrics.get('data/train_tokens')}) or training "
+                       "that diverged; see docs/explicit_solutions.md")
+    return out
+
+
+class RunStopped(Exception):
+    """A signal stopped training: ``last.ckpt`` and ``metrics.json`` (``"interrupted": true``)
+    are written; the process exits with the shell's code for that signal (143, 130)."""
+
+    def __init__(self, signal_name: str, metrics: dict):
+        super().__init__(f"{signal_name} at step {metrics['global_step']}")
+        self.signal_name, self.metrics, self.exit_code = signal_name, metrics, EXIT_CODES[signal_name]
+
+
+def _stopped_metrics(cfg: DictConfig, trainer, module, stop, start: float) -> dict:
+    """``metrics.json`` of a run stopped by a signal: how far it got and how to go on."""
+    metrics = {
+        "interrupted": True, "signal": stop.stopped_by, "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch, "tokens_seen": int(module.tokens_seen),
+        "last_checkpoint": stop.last_checkpoint, "best_checkpoint": _best_checkpoint(trainer),
+        **{k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()},
+        "time/total_s": time.perf_counter() - start,
+        "resume": f"python train.py <the same overrides> ckpt_path={stop.last_checkpoint}",
+    }
+    if trainer.is_global_zero:
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _best_checkpoint(trainer) -> str | None:
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    return best if best and Path(best).exists() else None
 
 
 def kneser_ney_baselines(datamodule, orders, test: bool = True) -> dict:
@@ -272,6 +386,37 @@ def tag_sweep_job(cfg: DictConfig, job: dict) -> None:
         wandb_cfg.job_type = "sweep"
 
 
+def finished_job(cfg: DictConfig, job: dict) -> dict | None:
+    """A re-run sweep (the same command, ``hydra.sweep.dir`` of the stopped one): the metrics of
+    this job if its folder holds a finished run of the same overrides; else None, after pointing
+    ``ckpt_path`` at the job's ``last.ckpt`` when it was stopped part-way (so it goes on)."""
+    folder = Path(cfg.paths.output_dir)
+    record = folder / "job.json"
+    same = record.exists() and json.loads(record.read_text()).get("overrides") == job["overrides"]
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else None
+    if same and metrics is not None and not metrics.get("interrupted"):
+        return metrics
+    last = folder / "checkpoints" / "last.ckpt"
+    if same and last.exists() and not cfg.get("ckpt_path"):
+        with open_dict(cfg):
+            cfg.ckpt_path = str(last)
+        print(f"job {job['num']} was stopped at step {metrics.get('global_step') if metrics else '?'}: resuming from {last}",
+              file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"num": job["num"], "overrides": job["overrides"]}, indent=2) + "\n")
+    return None
+
+
+def record_stopped_sweep(job: dict, stop: RunStopped) -> None:
+    """``stopped.json`` in the sweep folder, and the command that finishes the sweep."""
+    sweep = Path(job["sweep_dir"])
+    record = {"job": job["num"], "signal": stop.signal_name, "global_step": stop.metrics["global_step"],
+              "finish": f"re-run the same command with hydra.sweep.dir={sweep}: finished jobs are skipped, "
+                        "stopped ones resume from last.ckpt"}
+    (sweep / "stopped.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"sweep stopped at job {job['num']}; to finish it, {record['finish']}", file=sys.stderr)
+
+
 def record_failure(cfg: DictConfig, err: BaseException, job: dict) -> Path:
     """Write ``failed.json`` (error, traceback, overrides) into the job's folder."""
     import traceback
@@ -296,8 +441,20 @@ def main_guarded(cfg: DictConfig) -> float | None:
     job = _sweep_job()
     try:
         if job is not None:
+            finished = finished_job(cfg, job)
+            if finished is not None:
+                print(f"job {job['num']} ({' '.join(job['overrides'])}) finished earlier: skipped "
+                      f"({cfg.paths.output_dir}/metrics.json)", file=sys.stderr)
+                return finished.get(cfg.get("optimized_metric", "val/ppl"))
             tag_sweep_job(cfg, job)
         metrics = run(cfg)
+    except RunStopped as stop:
+        print(f"stopped by {stop.signal_name} at step {stop.metrics['global_step']}: {stop.metrics['last_checkpoint']} and "
+              f"{cfg.paths.output_dir}/metrics.json written; resume with ckpt_path={stop.metrics['last_checkpoint']}",
+              file=sys.stderr)
+        if job is not None:
+            record_stopped_sweep(job, stop)
+        sys.exit(stop.exit_code)  # a stopped run is not a success, and a stopped sweep stops
     except SaffuLabError as err:
         if job is not None:
             print(f"error: job {job['num']} ({' '.join(job['overrides'])}): {err} -> {record_failure(cfg, err, job)}", file=sys.stderr)

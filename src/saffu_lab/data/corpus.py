@@ -2,7 +2,8 @@
 
 - ``SyntheticCorpus``: the project's own child-directed grammar (``data=synthetic``).
 - ``TextDirCorpus``: a local folder in BabyLM layout, ``*.train``, ``*.dev``, ``*.test``,
-  read with ``datasets.load_dataset("text", ...)`` (``data=text_dir data.path=DIR``).
+  read with ``datasets.load_dataset("text", ...)`` (``data=text_dir data.path=DIR``); a file
+  that is empty, binary or not UTF-8 is refused first, by name.
 - ``HubCorpus``: a dataset on the Hugging Face hub by id, e.g. BabyLM 10M (``data=babylm``).
 
 Every source has a ``fingerprint`` that changes when its text changes; the tokenised-data
@@ -11,9 +12,11 @@ cache is keyed by it, so a sweep tokenises each corpus once.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from saffu_lab.errors import ConfigError, DataError
 
 SPLITS = ("train", "dev", "test")
 GRAMMAR_VERSION = 1  # bump when the synthetic grammar changes, to invalidate caches
+READ_CHUNK = 1 << 22  # bytes per read when hashing and checking corpus files
 
 
 @dataclass
@@ -97,9 +101,7 @@ class TextDirCorpus:
         for split in SPLITS:
             for f in files[split]:
                 h.update(f"{split}:{os.path.basename(f)}".encode())
-                with open(f, "rb") as fh:
-                    for chunk in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(chunk)
+                _hash_text_file(f, h)  # checked here: `datasets` would fail on it with a long traceback
         loaded = datasets.load_dataset(
             "text", data_files={"train": files["train"], "validation": files["dev"], "test": files["test"]},
             cache_dir=self.cache_dir,
@@ -107,6 +109,47 @@ class TextDirCorpus:
         docs = {s: _documents(loaded[hf]["text"]) for s, hf in zip(SPLITS, ("train", "validation", "test"))}
         name = Path(self.path).expanduser().resolve().name
         return _check_nonempty(Corpus(name, h.hexdigest(), docs["train"], docs["dev"], docs["test"]), f"corpus folder {self.path!r}")
+
+
+def _hash_text_file(path: str, h) -> None:
+    """Feed the file to ``h`` in chunks, checking that it holds UTF-8 text: not empty, no NUL byte
+    (a NUL anywhere wins over an earlier invalid byte: "binary" is the better diagnosis)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    bad_utf8, offset = None, 0  # (offset, byte) of the first invalid byte; bytes read so far
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(READ_CHUNK), b""):
+            h.update(chunk)
+            if (nul := chunk.find(b"\0")) >= 0:
+                raise DataError(f"corpus file {path!r} looks binary (NUL byte at offset {offset + nul}); remove it from "
+                                f"the folder, or if it is UTF-16 text convert it: {_iconv('utf-16', path)}")
+            if bad_utf8 is None:
+                bad_utf8 = _invalid_utf8(decoder, chunk, offset, final=False)
+            offset += len(chunk)
+    if offset == 0:
+        raise DataError(f"corpus file {path!r} is empty; remove it or give data.path a folder whose *.train/*.dev/*.test files hold text")
+    if bad_utf8 is None:
+        bad_utf8 = _invalid_utf8(decoder, b"", offset, final=True)  # a character cut off by the end of the file
+    if bad_utf8 is not None:
+        at, byte = bad_utf8
+        raise DataError(f"corpus file {path!r} is not UTF-8 (invalid byte 0x{byte:02x} at offset {at}); "
+                        f"convert it, e.g. {_iconv('latin1', path)}")
+
+
+def _iconv(encoding: str, path: str) -> str:
+    q, tmp = shlex.quote(path), shlex.quote(path + ".utf8")
+    return f"iconv -f {encoding} -t utf-8 {q} > {tmp} && mv {tmp} {q}"
+
+
+def _invalid_utf8(decoder, chunk: bytes, offset: int, final: bool) -> tuple[int, int] | None:
+    """(file offset, value) of the first invalid byte, or None. The decoder keeps the bytes of a
+    character split across chunks and decodes them with the next chunk, so error positions count
+    from those kept bytes: subtract them to get the file offset."""
+    pending = len(decoder.getstate()[0])
+    try:
+        decoder.decode(chunk, final)
+    except UnicodeDecodeError as err:
+        return offset - pending + err.start, err.object[err.start]
+    return None
 
 
 # split names that the hub's datasets use for each of our splits, in order of preference

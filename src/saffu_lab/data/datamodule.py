@@ -3,9 +3,12 @@
 ``prepare_data`` (one process) loads the corpus, trains the tokenizer on the training split
 and writes the tokenised splits to ``cache_dir/tokenized-<key>/``, where the key hashes the
 corpus fingerprint and the tokenizer settings: a sweep over model settings tokenises once.
+Each entry holds blake2b checksums of its files, checked on every hit: a damaged entry is
+rebuilt, with a warning naming the file.
 ``setup`` (every process) reads that cache, keeps the first ``train_tokens`` / ``dev_tokens``
-targets, and frames the splits with the ``framing`` object (causal windows for the GPT
-baseline, blocks and radii for SAFFU models; see ``saffu_lab.framing``).
+targets (cutting a first document that alone is longer, with a warning), and frames the
+splits with the ``framing`` object (causal windows for the GPT baseline, blocks and radii for
+SAFFU models; see ``saffu_lab.framing``).
 """
 
 from __future__ import annotations
@@ -13,18 +16,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from saffu_lab.data.corpus import SPLITS, Corpus
 from saffu_lab.errors import ConfigError
 from saffu_lab.framing import SpecialIds, document_lengths, document_stream, first_n_tokens
+from saffu_lab.resume import ResumableLoader, ResumableSampler
 from saffu_lab.tokenizer import EOD, FRG, PAD, SOD, CountBPE, special_id
+
+# the files of a cache entry, with their blake2b digests in CHECKSUMS (written before ``done``)
+CACHE_FILES = ("tokenizer.json", *(f"{split}.pt" for split in SPLITS), "stats.json")
+CHECKSUMS = "checksums.json"
 
 
 class LMDataModule(pl.LightningDataModule):
@@ -75,10 +85,15 @@ class LMDataModule(pl.LightningDataModule):
         corpus: Corpus = self.corpus_source.load()
         key = json.dumps({"corpus": corpus.fingerprint, "tokenizer": self.tokenizer_trainer.cache_key()}, sort_keys=True)
         path = self.cache_dir / f"tokenized-{corpus.name}-{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}"
-        hit = (path / "done").exists()
+        done = (path / "done").exists()
+        problem = _cache_problem(path) if done else None
+        if problem:  # a damaged entry: torch.load would fail later with a traceback naming no file
+            _warn(f"tokenised cache {path}: {problem}; rebuilding it")
+        hit = done and problem is None
         self.stats.update({"data/cache": path.name, "data/cache_hit": hit})  # sweeps tokenise once, then reuse
         if not hit:
             path.mkdir(parents=True, exist_ok=True)
+            (path / "done").unlink(missing_ok=True)  # an interrupted rebuild is not taken for a finished one
             tokenizer = self.tokenizer_trainer.train(corpus.train)
             tmp = path / f"tokenizer.json.tmp{os.getpid()}"
             tokenizer.save(str(tmp))
@@ -89,7 +104,8 @@ class LMDataModule(pl.LightningDataModule):
                 ids = torch.tensor([i for e in encoded for i in e.ids], dtype=torch.int32)
                 offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
                 _atomic_save({"ids": ids, "offsets": offsets}, path / f"{split}.pt")
-            (path / "stats.json").write_text(json.dumps(self.tokenizer_trainer.stats))
+            _atomic_write_text(path / "stats.json", json.dumps(self.tokenizer_trainer.stats))
+            _atomic_write_text(path / CHECKSUMS, json.dumps({name: _file_digest(path / name) for name in CACHE_FILES}))
             (path / "done").write_text(key)
         self.cache_path = path
         self.timings["prepare_data_s"] = time.perf_counter() - start
@@ -103,7 +119,11 @@ class LMDataModule(pl.LightningDataModule):
         sp = self.special_ids
         for split in SPLITS:
             data = torch.load(self.cache_path / f"{split}.pt")
-            ids, offsets = first_n_tokens(data["ids"], data["offsets"], self.limits[split])
+            ids, offsets, cut = first_n_tokens(data["ids"], data["offsets"], self.limits[split])
+            if cut is not None:
+                _warn(f"data.{split}_tokens={self.limits[split]}: the first document of the {split} split has "
+                      f"{cut:,} targets; cut to its first {self.limits[split]:,}")
+            self.stats[f"data/{split}_cut_document"] = cut is not None
             self.splits[split] = (ids, offsets)
             self.datasets[split] = self.framing.dataset(ids, offsets, sp)
             self.stats[f"data/{split}_tokens"] = int(document_lengths(offsets).sum()) + offsets.numel() - 1
@@ -148,12 +168,16 @@ class LMDataModule(pl.LightningDataModule):
 
     # --- loaders ----------------------------------------------------------------------------
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         dataset = self.datasets[split]
-        order = dataset.eval_order() if not shuffle and hasattr(dataset, "eval_order") else None
-        return DataLoader(
+        if shuffle:  # each epoch's order from (seed, epoch); its position is saved in checkpoints
+            order = ResumableSampler(len(dataset), self.seed)
+        else:
+            order = dataset.eval_order() if hasattr(dataset, "eval_order") else None
+        # a generator of its own: creating an iterator then draws nothing from torch's global RNG
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableLoader(
             dataset, batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle, generator=generator, sampler=order, num_workers=self.num_workers,
+            generator=generator, sampler=order, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, collate_fn=getattr(dataset, "collate", None),
         )
 
@@ -171,3 +195,40 @@ def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_problem(path: Path) -> str | None:
+    """What is wrong with a finished cache entry, in words, or None when every file matches
+    the checksum written with it (files are a few MB, so this is cheap on every hit)."""
+    try:
+        expected = json.loads((path / CHECKSUMS).read_text())
+    except FileNotFoundError:
+        return f"it has no {CHECKSUMS} (written by an older version)"
+    except (ValueError, OSError):
+        return f"{CHECKSUMS} is unreadable"
+    for name in CACHE_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if expected.get(name) != _file_digest(path / name):
+            return f"{name} fails its checksum (truncated or changed)"
+    return None
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    """One line on stderr, from one process (``rank_zero_warn`` would add its source line)."""
+    print(f"warning: {message}", file=sys.stderr)

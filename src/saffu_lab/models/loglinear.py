@@ -211,5 +211,7 @@ class LogLinearSAFFU(nn.Module):
         return next_target_context(generated, self.block_size, self.radius, sp)
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """Sample documents; ``prompt [B, 1]`` is the ``<sod>`` column (see ``sampling.sample``)."""
+        """Sample documents: ``prompt [B, 1 + t]`` is the ``<sod>`` column, then t >= 0 prompt tokens
+        (the document's first targets; ``frame_next`` gives every later target the contexts the data
+        framing gives it, across block boundaries too). See ``sampling.sample``."""
         return sample(lambda idx: self(self.frame_next(idx[:, 1:])), prompt, max_new_tokens, **sampling)
