@@ -24,19 +24,9 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from saffu_lab.errors import ConfigError, SaffuLabError
+from saffu_lab.train import finish_wandb, kneser_ney_baselines, missing_keys
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
-
-
-def missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
-    """Keys whose value is ``???``, found without resolving any interpolation."""
-    found = []
-    for key in node.keys():
-        if OmegaConf.is_missing(node, key):
-            found.append(f"{prefix}{key}")
-        elif not OmegaConf.is_interpolation(node, key) and isinstance(node[key], DictConfig):
-            found += missing_keys(node[key], f"{prefix}{key}.")
-    return found
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -105,7 +95,6 @@ def run(cfg: DictConfig) -> dict:
 
     from saffu_lab.checkpoint import load_run
     from saffu_lab.tokenizer import FixedTokenizer
-    from saffu_lab.train import kneser_ney_baselines
 
     ckpt_path = str(Path(cfg.ckpt_path).expanduser().resolve())
     module, run_cfg, tokenizer = load_run(ckpt_path)
@@ -165,19 +154,13 @@ def run(cfg: DictConfig) -> dict:
             logger.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             logger.save()
     finally:
-        _finish_wandb()
+        finish_wandb(exit_code=0)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     references = "  ".join([f"unigram {metrics['unigram/test_ppl']:.1f}"] +
                            [f"KN {n}-gram {metrics[f'baseline/kn{n}_test_ppl']:.1f}" for n in orders])
     print(f"val/ppl {metrics['val/ppl']:.3f}  test/ppl {metrics['test/ppl']:.3f}  (test references: {references})  "
           f"-> {output_dir}/metrics.json")
     return metrics
-
-
-def _finish_wandb() -> None:
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 def _unwrap(err: Exception) -> Exception:

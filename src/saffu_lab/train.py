@@ -69,7 +69,7 @@ def run_record(cfg: DictConfig, model_kwargs: dict, tokenizer) -> dict:
 def check_environment(cfg: DictConfig) -> None:
     """Problems that would otherwise surface only after data preparation (the run directory is
     checked earlier, by ``saffu_lab.hydra_callbacks.RunDirCheck``)."""
-    missing = sorted(k for k in _missing_keys(cfg) if not k.startswith("hydra."))
+    missing = sorted(k for k in missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
         hint = " (data=text_dir needs the corpus folder: data.path=DIR)" if "data.path" in missing else ""
         raise ConfigError(f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=VALUE{hint}")
@@ -124,7 +124,7 @@ def resolve_precision(cfg: DictConfig) -> str:
     return chosen
 
 
-def _missing_keys(node, prefix: str = "") -> list[str]:
+def missing_keys(node, prefix: str = "") -> list[str]:
     """Keys whose value is ``???`` (without resolving interpolations that point at them)."""
     found = []
     for key in node.keys():
@@ -133,7 +133,7 @@ def _missing_keys(node, prefix: str = "") -> list[str]:
         elif OmegaConf.is_interpolation(node, key):
             continue
         elif isinstance(node[key], DictConfig):
-            found += _missing_keys(node[key], f"{prefix}{key}.")
+            found += missing_keys(node[key], f"{prefix}{key}.")
     return found
 
 
@@ -185,16 +185,16 @@ def run(cfg: DictConfig) -> dict:
     try:
         metrics = _run(cfg)
     except BaseException:
-        _finish_wandb(exit_code=1)  # W&B shows the run as failed
+        finish_wandb(exit_code=1)  # W&B shows the run as failed
         raise
     finally:
         torch.set_num_threads(threads)  # a later job in this process starts from the default again
         detach_run_log(run_log)
-    _finish_wandb(exit_code=0)
+    finish_wandb(exit_code=0)
     return metrics
 
 
-def _finish_wandb(exit_code: int) -> None:
+def finish_wandb(exit_code: int) -> None:
     """Close the W&B run, so that the next job of a sweep in this process starts its own
     (WandbLogger would otherwise attach to the run still open)."""
     wandb = sys.modules.get("wandb")
