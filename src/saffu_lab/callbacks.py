@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 
 from saffu_lab.errors import ConfigError
+from saffu_lab.progress import stderr_is_terminal
 
 
 class PerplexityRiseStopping(pl.Callback):
@@ -190,7 +190,7 @@ class ExplicitSolveCallback(pl.Callback):
             rank_zero_info("explicit solve skipped: resuming from a checkpoint")
             return
         # tqdm bars on a terminal only: in a log file their carriage returns are noise
-        self.solver.progress = self.solver.progress and trainer.is_global_zero and sys.stderr.isatty()
+        self.solver.progress = self.solver.progress and trainer.is_global_zero and stderr_is_terminal()
         rank_zero_info(f"explicit solve of {type(net).__name__} over {len(trainer.datamodule.datasets['train']):,} training targets")
         start = time.perf_counter()
         device = pl_module.device

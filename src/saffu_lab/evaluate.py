@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from saffu_lab.errors import ConfigError, SaffuLabError
-from saffu_lab.train import finish_wandb, kneser_ney_baselines, missing_keys
+from saffu_lab.train import (check_kneser_ney_orders, finish_wandb, kneser_ney_baselines, missing_keys,
+                             unwrap_instantiation_error)
 
 ACCELERATORS = ("cpu", "gpu", "cuda", "auto")
 
@@ -36,13 +37,7 @@ def check_config(cfg: DictConfig) -> None:
         hint = {"ckpt_path": " (a checkpoint written by train.py, e.g. ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt)",
                 "data.path": " (data=text_dir needs the corpus folder: data.path=DIR)"}.get(missing[0], "")
         raise ConfigError(f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=VALUE{hint}")
-    orders = cfg.get("kneser_ney_orders")
-    if orders is not None and not isinstance(orders, (list, ListConfig)):
-        raise ConfigError(f"kneser_ney_orders={orders!r} must be a list of n-gram orders, e.g. kneser_ney_orders=[2,3]")
-    for n in orders or []:
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
-            raise ConfigError(f"kneser_ney_orders has {n!r}; give n-gram orders in 1..4, e.g. kneser_ney_orders=[2,3] "
-                              "(or kneser_ney_orders=[] for none)")
+    check_kneser_ney_orders(cfg.get("kneser_ney_orders"))
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"threads={threads!r} must be a positive number of CPU threads, or null for torch's default")
@@ -113,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
         datamodule = instantiate(cfg.data, tokenizer=fixed)
         loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if isinstance(c, DictConfig) and "_target_" in c]
     except InstantiationException as err:
-        raise _unwrap(err) from None
+        raise unwrap_instantiation_error(err) from None
     t = time.perf_counter()
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -161,18 +156,6 @@ def run(cfg: DictConfig) -> dict:
     print(f"val/ppl {metrics['val/ppl']:.3f}  test/ppl {metrics['test/ppl']:.3f}  (test references: {references})  "
           f"-> {output_dir}/metrics.json")
     return metrics
-
-
-def _unwrap(err: Exception) -> Exception:
-    """The user's error inside a Hydra instantiation (a bad data or logger setting), as one line."""
-    cause = err
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, SaffuLabError):
-        return cause
-    if isinstance(cause, (ValueError, TypeError)):
-        return ConfigError(str(cause))
-    return err
 
 
 def main_guarded(cfg: DictConfig) -> dict:

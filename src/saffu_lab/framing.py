@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saffu_lab.tokenizer import EOD, FRG, PAD, SOD, special_id
+
 IGNORE_INDEX = -100
 
 
@@ -34,6 +36,12 @@ class SpecialIds:
     sod: int
     eod: int
     frg: int
+
+
+def special_ids_of(tokenizer) -> SpecialIds:
+    """The special ids of a trained ``tokenizers.Tokenizer`` (a clear error if one is missing)."""
+    return SpecialIds(pad=special_id(tokenizer, PAD), sod=special_id(tokenizer, SOD), eod=special_id(tokenizer, EOD),
+                      frg=special_id(tokenizer, FRG))
 
 
 def document_lengths(offsets: torch.Tensor) -> torch.Tensor:

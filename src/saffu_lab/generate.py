@@ -97,13 +97,12 @@ def sample_ids(net, special, prompt_ids: list[int], num_samples: int, max_tokens
 def generate(args: argparse.Namespace) -> list[str]:
     """The samples' texts for parsed arguments."""
     from saffu_lab.checkpoint import load_run
-    from saffu_lab.framing import SpecialIds
-    from saffu_lab.tokenizer import EOD, FRG, PAD, SOD, decode_text, special_id
+    from saffu_lab.framing import special_ids_of
+    from saffu_lab.tokenizer import decode_text
 
     check_args(args)
     net, _cfg, tokenizer = load_run(args.ckpt_path, module=False)
-    special = SpecialIds(pad=special_id(tokenizer, PAD), sod=special_id(tokenizer, SOD), eod=special_id(tokenizer, EOD),
-                         frg=special_id(tokenizer, FRG))
+    special = special_ids_of(tokenizer)
     prompt_ids = encode_prompt(tokenizer, args.prompt)
     rows = sample_ids(net, special, prompt_ids, args.num_samples, args.max_tokens, args.temperature, args.top_k,
                       args.seed, args.device)

@@ -105,6 +105,7 @@ class StopHandling(pl.Callback):
     def __init__(self):
         self.stopped_by: str | None = None
         self.last_checkpoint: str | None = None
+        self._loader_state: dict | None = None  # the training loader's position, from a checkpoint being resumed
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         name = next((v for k, v in STOP_SIGNALS.items() if isinstance(exception, k)), None)
@@ -129,7 +130,7 @@ class StopHandling(pl.Callback):
         self._loader_state = (loops.get("combined_loader") or [None])[0]
 
     def on_train_start(self, trainer, pl_module) -> None:
-        state, self._loader_state = getattr(self, "_loader_state", None), None
+        state, self._loader_state = self._loader_state, None
         loader = trainer.train_dataloader
         if state and isinstance(loader, ResumableLoader):  # before the epoch's first batch is drawn
             loader.load_state_dict(state)

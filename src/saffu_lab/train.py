@@ -73,13 +73,7 @@ def check_environment(cfg: DictConfig) -> None:
     if missing:
         hint = " (data=text_dir needs the corpus folder: data.path=DIR)" if "data.path" in missing else ""
         raise ConfigError(f"no value for {', '.join(missing)}: give it on the command line, e.g. {missing[0]}=VALUE{hint}")
-    orders = cfg.get("kneser_ney_orders")
-    for n in ([] if orders is None else orders if isinstance(orders, (list, ListConfig)) else [orders]):
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
-            raise ConfigError(f"kneser_ney_orders has {n!r}; give n-gram orders in 1..4, e.g. kneser_ney_orders=[2,3] "
-                              "(or kneser_ney_orders=[] for none)")
-    if orders is not None and not isinstance(orders, (list, ListConfig)):
-        raise ConfigError(f"kneser_ney_orders={orders!r} must be a list of n-gram orders, e.g. kneser_ney_orders=[2,3]")
+    check_kneser_ney_orders(cfg.get("kneser_ney_orders"))
     if OmegaConf.select(cfg, "logger.wandb") is not None and not cfg.logger.get("offline", True) and not wandb_credentials():
         raise ConfigError("logger.offline=false syncs to W&B, but no credentials were found (WANDB_API_KEY, or ~/.netrc "
                           "from `wandb login`): run `wandb login`, or keep logger.offline=true and upload later with "
@@ -87,6 +81,16 @@ def check_environment(cfg: DictConfig) -> None:
     accelerator = str(cfg.trainer.get("accelerator", "cpu"))
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError("trainer=gpu asks for a CUDA GPU but torch sees none; use trainer=cpu (or trainer=ddp for 2 CPU processes)")
+
+
+def check_kneser_ney_orders(orders) -> None:
+    """``kneser_ney_orders``: null or a list of n-gram orders in 1..4 (train.py and eval.py)."""
+    for n in ([] if orders is None else orders if isinstance(orders, (list, ListConfig)) else [orders]):
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 4:
+            raise ConfigError(f"kneser_ney_orders has {n!r}; give n-gram orders in 1..4, e.g. kneser_ney_orders=[2,3] "
+                              "(or kneser_ney_orders=[] for none)")
+    if orders is not None and not isinstance(orders, (list, ListConfig)):
+        raise ConfigError(f"kneser_ney_orders={orders!r} must be a list of n-gram orders, e.g. kneser_ney_orders=[2,3]")
 
 
 def wandb_credentials() -> bool:
@@ -219,7 +223,7 @@ def _run(cfg: DictConfig) -> dict:
     try:
         datamodule, module, trainer = build_components(cfg)
     except InstantiationException as err:
-        raise _unwrap(err) from None
+        raise unwrap_instantiation_error(err) from None
     timings = {"time/prepare_data_s": datamodule.timings.get("prepare_data_s", 0.0)}
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -235,7 +239,7 @@ def _run(cfg: DictConfig) -> dict:
     timings["time/fit_s"] = time.perf_counter() - t
     ckpt = _best_checkpoint(trainer)  # none if fit trained nothing
 
-    callback_metrics = {k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()}
+    callback_metrics = _callback_metrics(trainer)
     t = time.perf_counter()
     if trainer.global_step == 0 and "explicit/val_ppl" in callback_metrics:
         val = [{"val/ppl": callback_metrics["explicit/val_ppl"]}]  # untrained since the solve: already measured
@@ -280,10 +284,11 @@ def _run(cfg: DictConfig) -> dict:
         datamodule.tokenizer.save(str(tokenizer_path))
         for text in metrics["warnings"]:
             print(f"warning: {text}", file=sys.stderr)
+        if metrics["warnings"]:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.experiment.summary["warnings"] = "; ".join(metrics["warnings"])
-        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_metrics(cfg, metrics)
         references = "  ".join([f"unigram {metrics['unigram/val_ppl']:.1f}"] + [
             f"KN {n}-gram {metrics[f'baseline/kn{n}_val_ppl']:.1f}" for n in cfg.get("kneser_ney_orders") or []])
         test_text = f"test/ppl {metrics['test/ppl']:.3f}" if metrics["test/ppl"] is not None else "test skipped"
@@ -322,13 +327,22 @@ def _stopped_metrics(cfg: DictConfig, trainer, module, stop, start: float) -> di
         "interrupted": True, "signal": stop.stopped_by, "global_step": trainer.global_step,
         "epochs": trainer.current_epoch, "tokens_seen": int(module.tokens_seen),
         "last_checkpoint": stop.last_checkpoint, "best_checkpoint": _best_checkpoint(trainer),
-        **{k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()},
+        **_callback_metrics(trainer),
         "time/total_s": time.perf_counter() - start,
         "resume": f"python train.py <the same overrides> ckpt_path={stop.last_checkpoint}",
     }
     if trainer.is_global_zero:
-        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_metrics(cfg, metrics)
     return metrics
+
+
+def _callback_metrics(trainer) -> dict:
+    """What the callbacks measured (the explicit solve, self-guided training), merged."""
+    return {k: v for cb in trainer.callbacks for k, v in getattr(cb, "metrics", {}).items()}
+
+
+def _write_metrics(cfg: DictConfig, metrics: dict) -> None:
+    (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def _best_checkpoint(trainer) -> str | None:
@@ -347,7 +361,7 @@ def kneser_ney_baselines(datamodule, orders, test: bool = True) -> dict:
     return out
 
 
-def _unwrap(err: InstantiationException) -> Exception:
+def unwrap_instantiation_error(err: InstantiationException) -> Exception:
     """The user's error inside a Hydra instantiation, as a one-line ConfigError."""
     cause = err.__cause__
     while isinstance(cause, InstantiationException) and cause.__cause__ is not None:

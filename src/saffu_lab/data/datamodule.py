@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from saffu_lab.data.corpus import SPLITS, Corpus
 from saffu_lab.errors import ConfigError
-from saffu_lab.framing import SpecialIds, document_lengths, document_stream, first_n_tokens
+from saffu_lab.framing import SpecialIds, document_lengths, document_stream, first_n_tokens, special_ids_of
 from saffu_lab.resume import ResumableLoader, ResumableSampler
-from saffu_lab.tokenizer import EOD, FRG, PAD, SOD, CountBPE, special_id
+from saffu_lab.tokenizer import CountBPE
 
 # the files of a cache entry, with their blake2b digests in CHECKSUMS (written before ``done``)
 CACHE_FILES = ("tokenizer.json", *(f"{split}.pt" for split in SPLITS), "stats.json")
@@ -136,8 +136,7 @@ class LMDataModule(pl.LightningDataModule):
 
     @property
     def special_ids(self) -> SpecialIds:
-        t = self.tokenizer
-        return SpecialIds(pad=special_id(t, PAD), sod=special_id(t, SOD), eod=special_id(t, EOD), frg=special_id(t, FRG))
+        return special_ids_of(self.tokenizer)
 
     @property
     def vocab_size(self) -> int:
