@@ -12,6 +12,8 @@ started. The runs go one after another, so they share the machine with nothing o
     warm  experiment=explicit_best regime=warm   the log-linear SAFFU solved, then backprop
     cold  experiment=explicit_best regime=cold   the same SAFFU from its cold initialisation
     gpt   model=gpt regime=cold                  the GPT baseline, cold (--gpt-lr, its sweep's best)
+    residual  experiment=residual_warm           the log-linear SAFFU solved, plus a transformer of the
+                                                 GPT's size that starts at zero; backprop on both
 
 Writes ``curves.csv`` (run, elapsed_s, step, val_ppl), ``time_to_ppl.csv`` (the first time each
 run reaches each ``--targets`` perplexity), ``time_to_ppl.png`` and ``time_to_ppl.md`` into --out.
@@ -35,9 +37,10 @@ RUNS = {
     "warm": ["experiment=explicit_best", "regime=warm"],
     "cold": ["experiment=explicit_best", "regime=cold"],
     "gpt": ["model=gpt", "regime=cold"],
+    "residual": ["experiment=residual_warm"],
 }
 LABELS = {"warm": "log-linear SAFFU, warm (solve + backprop)", "cold": "log-linear SAFFU, cold",
-          "gpt": "GPT baseline, cold"}
+          "gpt": "GPT baseline, cold", "residual": "residual SAFFU, warm (solve + transformer by backprop)"}
 
 
 def run_model(name: str, args, out: Path) -> list[dict]:
@@ -50,6 +53,8 @@ def run_model(name: str, args, out: Path) -> list[dict]:
            "callbacks.early_stopping.max_rises=1000000", *args.extra]
     if name == "gpt":
         cmd += [f"regime.optimizer.lr={args.gpt_lr}", f"model.d_model={args.gpt_d_model}", f"model.n_layer={args.gpt_layers}"]
+    if name == "residual":  # its transformer is the GPT baseline's size
+        cmd += [f"model.transformer.d_model={args.gpt_d_model}", f"model.transformer.n_layer={args.gpt_layers}"]
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     start = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:

@@ -26,7 +26,7 @@ def test_every_required_group_exists():
 def _data_kwargs(cfg: DictConfig) -> dict:
     """What the data module would hand the model, for a vocabulary of 300."""
     kwargs = {"vocab_size": 300}
-    if cfg.framing._target_.endswith("BlockFraming"):
+    if cfg.framing._target_.endswith(("BlockFraming", "ResidualFraming")):
         kwargs.update(token_counts=torch.arange(300, 0, -1).double(), n_documents=20,
                       special_ids=SpecialIds(pad=0, sod=1, eod=2, frg=3))
     return kwargs
@@ -44,6 +44,12 @@ def _instantiate_all(cfg: DictConfig):
                   "position": torch.tensor([1, b - 1]), "prefix": torch.zeros(2, 1, dtype=torch.long),
                   "prefix_len": torch.zeros(2, dtype=torch.long)}
         assert net(inputs).shape == (2, 300)
+    elif cfg.framing._target_.endswith("ResidualFraming"):  # 2 windows of 5, each target with its SAFFU contexts
+        b, r = cfg.model.saffu.block_size, cfg.model.saffu.radius
+        saffu = {"block": torch.zeros(10, b, dtype=torch.long), "radial": torch.zeros(10, r, dtype=torch.long),
+                 "position": torch.arange(10) % (b - 1) + 1}
+        inputs = {"ids": torch.zeros(2, 5, dtype=torch.long), "scored": torch.ones(2, 5, dtype=torch.bool), "saffu": saffu}
+        assert net(inputs).shape == (2, 5, 300)
     else:
         assert net(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 300)
     return dm, module, loggers, callbacks

@@ -100,6 +100,7 @@ def test_ddp_with_two_cpu_processes(tmp_path, cache_dir):
     (["model=saffu_loglinear", "regime=explicit", "model.radius=eight"],
      "error: model.radius='eight' is not an integer (LogLinearSAFFU takes radius: an integer); give e.g. model.radius=8"),
     (["model.d_model=1.5"], "error: model.d_model=1.5 is not an integer"),
+    (["model=saffu_residual", "regime=warm", "model.saffu.radius=0"], "error: model.saffu.radius=0 must be an integer >= 1"),
     (["regime.optimizer.lr=-0.001"], "error: regime.optimizer.lr=-0.001 must be a learning rate > 0"),
     (["trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing with regime=cold (backprop)"),
     (["trainer.limit_val_batches=1.5"], "error: trainer.limit_val_batches=1.5 must be null, a fraction in [0, 1]"),

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import move_data_to_device, rank_zero_info
 
 from saffu_lab.errors import ConfigError
 from saffu_lab.progress import stderr_is_terminal
@@ -163,6 +163,7 @@ class ExplicitSolveCallback(pl.Callback):
         from saffu_lab.solver import ExplicitSolver
         from saffu_lab.solver_loglinear import LogLinearSolver
 
+        net = solved_part(net)
         if not isinstance(net, (SAFFUTransformer, LogLinearSAFFU)):
             if self.only_saffu:
                 return False
@@ -178,35 +179,36 @@ class ExplicitSolveCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from saffu_lab.models.loglinear import LogLinearSAFFU
 
-        net = pl_module.net
-        if not self.check_model(net, pl_module.regime):
+        if not self.check_model(pl_module.net, pl_module.regime):
             return
+        net = solved_part(pl_module.net)  # a residual SAFFU's SAFFU (its transformer starts at zero)
+        train = solved_data(trainer.datamodule.datasets["train"])
         if isinstance(net, LogLinearSAFFU) and trainer.world_size > 1 and pl_module.regime != "explicit":
             # DDP registered the parameters before this solve sizes the sparse decoders
-            raise ConfigError(f"model=saffu_loglinear cannot train under DDP (world size {trainer.world_size}): its "
-                              "sparse decoders are sized by the solve, after DDP wraps the model; use one process "
+            raise ConfigError(f"a log-linear SAFFU (model=saffu_loglinear, saffu_residual) cannot train under DDP (world "
+                              f"size {trainer.world_size}): its sparse decoders are sized by the solve, after DDP wraps "
+                              "the model; use one process "
                               "(trainer=cpu or trainer=gpu), or regime=explicit")
         if trainer.ckpt_path:
             rank_zero_info("explicit solve skipped: resuming from a checkpoint")
             return
         # tqdm bars on a terminal only: in a log file their carriage returns are noise
         self.solver.progress = self.solver.progress and trainer.is_global_zero and stderr_is_terminal()
-        rank_zero_info(f"explicit solve of {type(net).__name__} over {len(trainer.datamodule.datasets['train']):,} training targets")
+        rank_zero_info(f"explicit solve of {type(net).__name__} over {len(train):,} training targets")
         start = time.perf_counter()
         device = pl_module.device
         net.cpu()  # the solver streams CPU-held data into float64 CPU sums; the model returns to its device after
-        report = self.solver.solve(net, trainer.datamodule.datasets["train"], rank=trainer.global_rank,
+        report = self.solver.solve(net, train, rank=trainer.global_rank,
                                    world_size=trainer.world_size, startup_only=self.startup_only)
         net.to(device)
         self.metrics = report.metrics()
         self.metrics["explicit/wall_s"] = time.perf_counter() - start
         self.metrics["explicit/val_ppl"] = evaluate_perplexity(pl_module, trainer.datamodule.val_dataloader())
-        if self.train_eval_targets is not None:
-            train = trainer.datamodule.datasets["train"]
+        if self.train_eval_targets is not None:  # the solved part in its own framing: at the start, the same model
             rows = _evenly_spaced(len(train), self.train_eval_targets)
             rows = rows[torch.argsort(train.framed.position[rows], stable=True)]  # batches share padded tails
             batches = (train.collate(rows[s:s + self.eval_batch_size]) for s in range(0, rows.numel(), self.eval_batch_size))
-            self.metrics["explicit/train_ppl"] = evaluate_perplexity(pl_module, batches)
+            self.metrics["explicit/train_ppl"] = evaluate_perplexity(net, batches)
             self.metrics["explicit/train_eval_targets"] = rows.numel()
         rank_zero_info(f"explicit solve: {self.metrics['explicit/wall_s']:.1f} s over {report.targets} targets "
                        f"in {report.folds} fold(s); dev perplexity {self.metrics['explicit/val_ppl']:.3f}")
@@ -219,6 +221,16 @@ class ExplicitSolveCallback(pl.Callback):
                 logger.log_metrics({k: v for k, v in self.metrics.items() if not isinstance(v, str)}, step=trainer.global_step)
 
 
+def solved_part(net: torch.nn.Module) -> torch.nn.Module:
+    """The part of ``net`` that the explicit solver solves: a residual SAFFU's SAFFU, else ``net``."""
+    return getattr(net, "saffu", net)
+
+
+def solved_data(dataset):
+    """The per-target dataset the solver reads: a residual framing's ``per_target``, else ``dataset``."""
+    return getattr(dataset, "per_target", dataset)
+
+
 def _evenly_spaced(n: int, k: int) -> torch.Tensor:
     """``min(n, k)`` indices spread evenly over ``range(n)`` (deterministic)."""
     if k >= n:
@@ -227,17 +239,18 @@ def _evenly_spaced(n: int, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_perplexity(pl_module: pl.LightningModule, loader) -> float:
-    """Per-target perplexity of ``pl_module`` over ``(inputs, y)`` batches (no Trainer needed)."""
+def evaluate_perplexity(pl_module: torch.nn.Module, loader) -> float:
+    """Per-target perplexity of a LightningModule or a bare network over ``(inputs, y)`` batches
+    (no Trainer needed)."""
     from saffu_lab.framing import IGNORE_INDEX
 
     was_training = pl_module.training
+    device = next(pl_module.parameters()).device
     pl_module.eval()
     total, count = 0.0, 0
     for inputs, y in loader:
-        inputs = {k: v.to(pl_module.device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(pl_module.device)
-        logits = pl_module(inputs).float()
-        y = y.to(pl_module.device)
+        logits = pl_module(move_data_to_device(inputs, device)).float()
+        y = y.to(device)
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(),
                                                           ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((y != IGNORE_INDEX).sum())

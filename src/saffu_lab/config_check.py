@@ -171,9 +171,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.devices": (lambda v: v == "auto" or v == -1 or _positive_int(v) or isinstance(v, list), "an integer >= 1, -1 or auto"),
     "data.batch_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "data.eval_batch_size": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
-    "model.dropout": (lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    **{f"model.{part}dropout": (lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)")
+       for part in ("", "transformer.")},
     **{f"model.{k}": (_positive_int, "an integer >= 1") for k in (
-        "radius", "block_size", "block_dim", "radial_dim", "hidden_dim", "d_model", "n_layer", "n_head", "context_length")},
+        "radius", "block_size", "block_dim", "radial_dim", "hidden_dim", "d_model", "n_layer", "n_head", "context_length",
+        # the residual SAFFU's two parts
+        "saffu.radius", "saffu.block_size", "saffu.block_dim",
+        "transformer.d_model", "transformer.n_layer", "transformer.n_head", "transformer.context_length")},
 }
 
 

@@ -17,6 +17,9 @@ Two framings, following ``shared/notes/saffu-reading.md`` (Data framing):
   document's start" (K = r). The radius crosses block boundaries (it never holds ``<frg>``),
   so r > b is legal (appendix D solves those cells). Contexts are gathered by index on
   demand, so that a caller can materialise them chunk by chunk.
+- **Both** (``ResidualFraming``, the residual SAFFU): the causal windows, and for each of their
+  targets the row of that target in the blocks-and-radii framing, so that one batch feeds a
+  transformer its windows and a SAFFU the same targets' block and radial contexts.
 """
 
 from __future__ import annotations
@@ -269,3 +272,57 @@ class BlockFraming:
         documents, and the framing's special ids (for generation)."""
         counts = torch.bincount(train.framed.targets, minlength=vocab_size).double()
         return {"token_counts": counts, "n_documents": int(train.framed.first_block.numel()), "special_ids": sp}
+
+
+class ResidualWindows(torch.utils.data.Dataset):
+    """Causal windows whose targets also carry their SAFFU contexts (``ResidualFraming``).
+
+    Items are window indices. ``collate(rows)`` returns ``(inputs, y)``: ``inputs["ids"] [B, T]``
+    the windows (as ``CausalFraming``), ``inputs["scored"] [B, T]`` whether a position's target is
+    scored (``y != IGNORE_INDEX``), ``inputs["saffu"]`` the ``BlockTargets`` inputs of the scored
+    targets in row-major order, and ``y [B, T]``.
+    ``per_target`` is the ``BlockTargets`` of the same split (the explicit solver reads it).
+    """
+
+    def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds, context_length: int,
+                 block_size: int, radius: int):
+        stream = document_stream(ids, offsets, sp)
+        self.x, self.y = causal_windows(stream, context_length, sp)
+        self.per_target = BlockTargets(frame_blocks(ids, offsets, block_size, sp), radius, document_prefix=False)
+        # stream position s holds BlockTargets row (number of non-<sod> ids in stream[1..s]) - 1;
+        # window w, column t has target stream position w T + t + 1
+        is_target = stream != sp.sod
+        row_of_position = torch.cumsum(is_target.long(), 0) - 1
+        position = torch.arange(self.x.numel()).view(self.x.shape) + 1
+        rows = row_of_position[position.clamp(max=stream.numel() - 1)]
+        self.rows = torch.where(self.y != IGNORE_INDEX, rows, torch.full_like(rows, -1))
+        if not torch.equal(self.per_target.framed.targets[self.rows[self.rows >= 0]], self.y[self.y != IGNORE_INDEX]):
+            raise AssertionError("ResidualWindows: windows and blocks disagree on the targets")  # a framing bug, not input
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collate(self, rows) -> tuple[dict, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        target_rows = self.rows[rows]
+        saffu, _ = self.per_target.collate(target_rows[target_rows >= 0])
+        return {"ids": self.x[rows], "scored": target_rows >= 0, "saffu": saffu}, self.y[rows]
+
+
+class ResidualFraming:
+    """Causal windows of ``context_length`` with each target's blocks-and-radii contexts (the residual SAFFU)."""
+
+    default_batch_size = 32  # windows
+
+    def __init__(self, context_length: int, block_size: int, radius: int):
+        CausalFraming(context_length), BlockFraming(block_size, radius)  # their checks of the sizes
+        self.context_length, self.block_size, self.radius = context_length, block_size, radius
+
+    def dataset(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds) -> ResidualWindows:
+        return ResidualWindows(ids, offsets, sp, self.context_length, self.block_size, self.radius)
+
+    def model_kwargs(self, train: ResidualWindows, vocab_size: int, sp: SpecialIds) -> dict:
+        return BlockFraming(self.block_size, self.radius).model_kwargs(train.per_target, vocab_size, sp)

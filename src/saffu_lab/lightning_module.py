@@ -38,8 +38,11 @@ class LanguageModelModule(pl.LightningModule):
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"regime.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
         self.net = net
-        for module in net.modules():  # warm start: Adam on all but the (bit-cipher) embeddings
-            if isinstance(module, torch.nn.Embedding):
+        # warm start: Adam on all but the (bit-cipher) embeddings; parameters a model keeps fixed
+        # (``fixed_parameters``: a residual SAFFU's solved part) stay out of training either way
+        fixed = {id(p) for p in net.fixed_parameters()} if hasattr(net, "fixed_parameters") else set()
+        for module in net.modules():
+            if isinstance(module, torch.nn.Embedding) and id(module.weight) not in fixed:
                 module.weight.requires_grad_(not freeze_embeddings)
         self.optimizer_factory = optimizer
         self.warmup_steps, self.schedule, self.min_lr_ratio, self.regime = warmup_steps, schedule, min_lr_ratio, regime

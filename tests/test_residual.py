@@ -1,0 +1,170 @@
+"""The residual SAFFU: its framing gives both parts the same targets, the network starts as the
+solved SAFFU (exactly), backprop on the transformer goes below the solution on held-out text,
+and a whole warm run does so beside its references."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, TINY_DATA, read_metrics, run_train
+from saffu_lab.data.corpus import SyntheticCorpus
+from saffu_lab.data.datamodule import LMDataModule
+from saffu_lab.framing import IGNORE_INDEX, ResidualFraming
+from saffu_lab.generate import main as generate_main
+from saffu_lab.models.gpt import GPT
+from saffu_lab.models.loglinear import LogLinearSAFFU
+from saffu_lab.models.residual import ResidualSAFFU
+from saffu_lab.solver_loglinear import LogLinearSolver
+from saffu_lab.tokenizer import CountBPE
+
+
+@pytest.fixture(scope="module")
+def dm(tmp_path_factory):
+    dm = LMDataModule(corpus=SyntheticCorpus(seed=0, train_words=20_000, dev_words=3000, test_words=3000),
+                      tokenizer=CountBPE(progress=False), cache_dir=str(tmp_path_factory.getbasetemp() / "res-cache"),
+                      framing=ResidualFraming(context_length=24, block_size=16, radius=4), batch_size=16)
+    dm.setup()
+    return dm
+
+
+def build(dm, seed: int = 0, **kw) -> ResidualSAFFU:
+    torch.manual_seed(seed)
+    saffu = lambda **kw: LogLinearSAFFU(block_size=16, radius=4, block_dim=32, **kw)  # noqa: E731
+    transformer = lambda **kw: GPT(context_length=24, n_layer=1, n_head=2, d_model=32, dropout=0.0, **kw)  # noqa: E731
+    return ResidualSAFFU(**dm.model_kwargs(), saffu=saffu, transformer=transformer, **kw)
+
+
+@pytest.fixture(scope="module")
+def solved(dm):
+    net = build(dm)
+    LogLinearSolver(progress=False).solve(net.saffu, dm.datasets["train"].per_target)
+    return net
+
+
+@torch.no_grad()
+def perplexity(net, batches) -> float:
+    net.eval()
+    total, count = 0.0, 0
+    for inputs, y in batches:
+        logits = net(inputs)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum"))
+        count += int((y != IGNORE_INDEX).sum())
+    return math.exp(total / count)
+
+
+def windows(dm, split: str, batch: int = 64):
+    data = dm.datasets[split]
+    return (data.collate(range(s, min(s + batch, len(data)))) for s in range(0, len(data), batch))
+
+
+def per_target(dm, split: str, batch: int = 1024):
+    data = dm.datasets[split].per_target
+    return (data.collate(range(s, min(s + batch, len(data)))) for s in range(0, len(data), batch))
+
+
+def test_windows_give_both_parts_the_same_targets(dm):
+    data = dm.datasets["dev"]
+    inputs, y = data.collate(range(len(data)))
+    scored = inputs["scored"]
+    assert torch.equal(scored, y != IGNORE_INDEX)
+    # every target of the split once, in the blocks-and-radii order
+    assert torch.equal(y[scored], data.per_target.framed.targets)
+    # the SAFFU's nearest radial item is the token the transformer reads at that position
+    assert torch.equal(inputs["saffu"]["radial"][:, -1], inputs["ids"][scored])
+    assert inputs["saffu"]["block"].shape == (int(scored.sum()), 16)
+
+
+def test_the_network_starts_as_the_solved_saffu(dm, solved):
+    """The transformer's head starts at zero: the residual SAFFU scores held-out text exactly as its SAFFU."""
+    alone = perplexity(solved.saffu, per_target(dm, "dev"))
+    assert perplexity(solved, windows(dm, "dev")) == pytest.approx(alone, rel=1e-5)
+    # and samples as its SAFFU from the same seed
+    prompt = torch.full((3, 1), dm.special_ids.sod)
+    a = solved.generate(prompt, 10, generator=torch.Generator().manual_seed(1))
+    b = solved.saffu.generate(prompt, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+def test_backprop_trains_the_transformer_below_the_solution_on_held_out_text(dm, solved):
+    net = build(dm)
+    net.load_state_dict(solved.state_dict())
+    start = perplexity(net, windows(dm, "dev"))
+    saffu_before = {k: v.clone() for k, v in net.saffu.state_dict().items()}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert trainable and all(not p.requires_grad for p in net.fixed_parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=3e-3)
+    data = dm.datasets["train"]
+    generator = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(3):  # epochs
+        for rows in torch.randperm(len(data), generator=generator).split(16):
+            inputs, y = data.collate(rows)
+            logits = net.training_logits(inputs, y)  # the SAFFU scores training targets leave-one-out
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    end = perplexity(net, windows(dm, "dev"))
+    assert end < 0.97 * start, (start, end)
+    for k, v in net.saffu.state_dict().items():  # the solved part stays as solved
+        assert torch.equal(v, saffu_before[k]), k
+
+
+def test_training_scores_the_saffu_leave_one_out(dm, solved):
+    inputs, y = dm.datasets["train"].collate(range(8))
+    solved.eval()
+    plain, loo = solved(inputs), solved.training_logits(inputs, y)
+    scored = inputs["scored"]
+    gold = lambda logits: logits.log_softmax(-1).gather(-1, y.clamp(min=0)[..., None])[..., 0][scored]  # noqa: E731
+    assert (gold(loo) < gold(plain) + 1e-6).all() and (gold(loo) < gold(plain) - 1e-3).any()
+
+
+def test_residual_warm_run_beats_its_solution_and_the_references(tmp_path, cache_dir, capsys):
+    """experiment=residual_warm end to end on held-out synthetic text: the solve, then the transformer."""
+    tiny = ["model.saffu.block_size=16", "model.saffu.radius=4", "model.saffu.block_dim=32",
+            "model.transformer.context_length=32", "model.transformer.d_model=32", "model.transformer.n_layer=1",
+            "model.transformer.n_head=2", "trainer.max_epochs=2", "logger=csv"]
+    data = [o for o in TINY_DATA if not o.startswith("data.corpus.train_words")] + ["data.corpus.train_words=12000"]
+    run_train(data + ["experiment=residual_warm", *tiny], tmp_path / "residual", cache_dir)
+    m = read_metrics(tmp_path / "residual")
+    assert m["global_step"] > 0 and m["explicit/val_ppl"] > 0
+    assert m["val/ppl"] < m["explicit/val_ppl"], m  # backprop went below the solution
+    assert m["test/ppl"] < m["baseline/kn3_test_ppl"] < m["baseline/kn2_test_ppl"], m
+    # eval.py reproduces the run's test perplexity from the checkpoint alone; generate.py samples from it
+    ckpt = m["best_checkpoint"]
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}",
+                           f"paths.cache_dir={cache_dir}", "logger=none"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "eval")["test/ppl"] == pytest.approx(m["test/ppl"], rel=1e-4)
+    assert generate_main([ckpt, "--prompt", "The dog", "--num-samples", "2", "--max-tokens", "12", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The dog")
+
+
+def test_which_parameters_train(dm, solved):
+    """The regime's embedding switch leaves the SAFFU's fixed parameters alone; train_saffu moves
+    the SAFFU but its bit-cipher embedding."""
+    from functools import partial
+
+    from saffu_lab.lightning_module import LanguageModelModule
+
+    frozen = build(dm)
+    LanguageModelModule(frozen, optimizer=partial(torch.optim.AdamW, lr=1e-3), freeze_embeddings=False)
+    assert frozen.transformer.token_embedding.weight.requires_grad
+    assert not any(p.requires_grad for p in frozen.saffu.parameters())
+
+    net = build(dm, train_saffu=True)
+    net.load_state_dict(solved.state_dict())
+    LanguageModelModule(net, optimizer=partial(torch.optim.AdamW, lr=1e-3), freeze_embeddings=False)
+    assert not net.saffu.block_embedding.weight.requires_grad
+    inputs, y = dm.datasets["train"].collate(range(8))
+    logits = net.training_logits(inputs, y)
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX).backward()
+    for name in ("radial_values", "mix", "block_U"):
+        assert getattr(net.saffu, name).grad.abs().sum() > 0, name
