@@ -40,7 +40,7 @@ RUNS = {
     "residual": ["experiment=residual_warm"],
 }
 LABELS = {"warm": "log-linear SAFFU, warm (solve + backprop)", "cold": "log-linear SAFFU, cold",
-          "gpt": "GPT baseline, cold", "residual": "residual SAFFU, warm (solve + transformer by backprop)"}
+          "gpt": "GPT baseline, cold", "residual": "residual SAFFU, warm (solve + backprop with a transformer)"}
 
 
 def run_model(name: str, args, out: Path) -> list[dict]:

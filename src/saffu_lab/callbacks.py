@@ -182,7 +182,6 @@ class ExplicitSolveCallback(pl.Callback):
         if not self.check_model(pl_module.net, pl_module.regime):
             return
         net = solved_part(pl_module.net)  # a residual SAFFU's SAFFU (its transformer starts at zero)
-        train = solved_data(trainer.datamodule.datasets["train"])
         if isinstance(net, LogLinearSAFFU) and trainer.world_size > 1 and pl_module.regime != "explicit":
             # DDP registered the parameters before this solve sizes the sparse decoders
             raise ConfigError(f"a log-linear SAFFU (model=saffu_loglinear, saffu_residual) cannot train under DDP (world "
@@ -192,6 +191,7 @@ class ExplicitSolveCallback(pl.Callback):
         if trainer.ckpt_path:
             rank_zero_info("explicit solve skipped: resuming from a checkpoint")
             return
+        train = solved_data(trainer.datamodule.datasets["train"])
         # tqdm bars on a terminal only: in a log file their carriage returns are noise
         self.solver.progress = self.solver.progress and trainer.is_global_zero and stderr_is_terminal()
         rank_zero_info(f"explicit solve of {type(net).__name__} over {len(train):,} training targets")
