@@ -239,22 +239,22 @@ def _evenly_spaced(n: int, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_perplexity(pl_module: torch.nn.Module, loader) -> float:
+def evaluate_perplexity(module: torch.nn.Module, loader) -> float:
     """Per-target perplexity of a LightningModule or a bare network over ``(inputs, y)`` batches
     (no Trainer needed)."""
     from saffu_lab.framing import IGNORE_INDEX
 
-    was_training = pl_module.training
-    device = next(pl_module.parameters()).device
-    pl_module.eval()
+    was_training = module.training
+    device = next(module.parameters()).device
+    module.eval()
     total, count = 0.0, 0
     for inputs, y in loader:
-        logits = pl_module(move_data_to_device(inputs, device)).float()
+        logits = module(move_data_to_device(inputs, device)).float()
         y = y.to(device)
         total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(),
                                                           ignore_index=IGNORE_INDEX, reduction="sum"))
         count += int((y != IGNORE_INDEX).sum())
-    pl_module.train(was_training)
+    module.train(was_training)
     return math.exp(total / max(count, 1))
 
 

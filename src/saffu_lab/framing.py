@@ -285,10 +285,10 @@ class ResidualWindows(torch.utils.data.Dataset):
     """
 
     def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds, context_length: int,
-                 block_size: int, radius: int):
+                 per_target: BlockTargets):
         stream = document_stream(ids, offsets, sp)
         self.x, self.y = causal_windows(stream, context_length, sp)
-        self.per_target = BlockTargets(frame_blocks(ids, offsets, block_size, sp), radius, document_prefix=False)
+        self.per_target = per_target
         # stream position s holds BlockTargets row (number of non-<sod> ids in stream[1..s]) - 1;
         # window w, column t has target stream position w T + t + 1
         is_target = stream != sp.sod
@@ -318,11 +318,10 @@ class ResidualFraming:
     default_batch_size = 32  # windows
 
     def __init__(self, context_length: int, block_size: int, radius: int):
-        CausalFraming(context_length), BlockFraming(block_size, radius)  # their checks of the sizes
-        self.context_length, self.block_size, self.radius = context_length, block_size, radius
+        self.causal, self.blocks = CausalFraming(context_length), BlockFraming(block_size, radius)  # they check the sizes
 
     def dataset(self, ids: torch.Tensor, offsets: torch.Tensor, sp: SpecialIds) -> ResidualWindows:
-        return ResidualWindows(ids, offsets, sp, self.context_length, self.block_size, self.radius)
+        return ResidualWindows(ids, offsets, sp, self.causal.context_length, self.blocks.dataset(ids, offsets, sp))
 
     def model_kwargs(self, train: ResidualWindows, vocab_size: int, sp: SpecialIds) -> dict:
-        return BlockFraming(self.block_size, self.radius).model_kwargs(train.per_target, vocab_size, sp)
+        return self.blocks.model_kwargs(train.per_target, vocab_size, sp)
