@@ -128,7 +128,7 @@ def test_training_scores_the_saffu_leave_one_out(dm, solved):
 
 def test_residual_warm_run_beats_its_solution_and_the_references(tmp_path, cache_dir, capsys):
     """experiment=residual_warm end to end on held-out synthetic text: the solve, then the transformer."""
-    tiny = ["model.saffu.block_size=16", "model.saffu.radius=4", "model.saffu.block_dim=32",
+    tiny = ["model.saffu.block_size=16", "model.saffu.radius=4", "model.saffu.block_dim=32", "model.saffu.block_rank=16",
             "model.transformer.context_length=32", "model.transformer.d_model=32", "model.transformer.n_layer=1",
             "model.transformer.n_head=2", "trainer.max_epochs=2", "logger=csv"]
     data = [o for o in TINY_DATA if not o.startswith("data.corpus.train_words")] + ["data.corpus.train_words=12000"]
@@ -168,3 +168,28 @@ def test_which_parameters_train(dm, solved):
     F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX).backward()
     for name in ("radial_values", "mix", "block_U"):
         assert getattr(net.saffu, name).grad.abs().sum() > 0, name
+
+
+def test_module_learning_rates(dm):
+    """regime.module_lr gives a submodule its own rate (the rest keeps the optimiser's), the schedule
+    scales both, and an unknown submodule or a bad rate is refused by name."""
+    import types
+    from functools import partial
+
+    from saffu_lab.errors import ConfigError
+    from saffu_lab.lightning_module import LanguageModelModule
+
+    net = build(dm, train_saffu=True)
+    module = LanguageModelModule(net, optimizer=partial(torch.optim.AdamW, lr=3e-3), module_lr={"saffu": 1e-3},
+                                 warmup_steps=10, freeze_embeddings=False)
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=100)
+    optimizer = module.configure_optimizers()["optimizer"]
+    by_id = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    saffu_lrs = [by_id[id(p)] for p in net.saffu.parameters() if p.requires_grad]
+    assert saffu_lrs and saffu_lrs == pytest.approx([1e-4] * len(saffu_lrs))  # 1e-3 at warm-up step 1/10
+    transformer_lrs = [by_id[id(p)] for p in net.transformer.parameters()]
+    assert transformer_lrs == pytest.approx([3e-4] * len(transformer_lrs))
+    assert len(by_id) == sum(p.requires_grad for p in net.parameters())  # every trained parameter once
+    for bad, match in (({"decoder": 1e-3}, "no submodule 'decoder'"), ({"saffu": 0}, r"module_lr.saffu=0")):
+        with pytest.raises(ConfigError, match=match):
+            LanguageModelModule(build(dm), optimizer=partial(torch.optim.AdamW, lr=1e-3), module_lr=bad)

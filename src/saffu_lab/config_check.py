@@ -178,6 +178,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         # the residual SAFFU's two parts
         "saffu.radius", "saffu.block_size", "saffu.block_dim",
         "transformer.d_model", "transformer.n_layer", "transformer.n_head", "transformer.context_length")},
+    **{f"model.{k}": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                      "0 (a dense block decoder) or a rank >= 1") for k in ("block_rank", "saffu.block_rank")},
 }
 
 
@@ -198,6 +200,11 @@ def _check_ranges(cfg: dict) -> None:
         value = _get(cfg, key)
         if value is not _MISSING and not test(value):
             raise ConfigError(f"{key}={value!r} must be {must}")
+    module_lr = _get(cfg, "regime.module_lr")
+    if isinstance(module_lr, dict):
+        for name, lr in module_lr.items():
+            if not _positive(lr):
+                raise ConfigError(f"regime.module_lr.{name}={lr!r} must be a learning rate > 0, e.g. 1e-3")
     regime = _get(cfg, "regime.regime")
     epochs, steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")
     if regime not in (_MISSING, "explicit") and epochs is not _MISSING:

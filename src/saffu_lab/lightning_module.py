@@ -29,7 +29,11 @@ class LanguageModelModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         regime: str = "cold",
         freeze_embeddings: bool = False,
+        module_lr: dict[str, float] | None = None,
     ):
+        """``module_lr``: a learning rate of its own for some of the network's direct submodules, by
+        name (e.g. ``{"saffu": 1e-3}`` for a residual SAFFU's solved part); the rest of the network
+        trains at ``optimizer``'s rate. The schedule scales every rate alike."""
         super().__init__()
         if schedule not in ("cosine", "constant"):
             raise ConfigError(f"regime.schedule={schedule!r} is not one of 'cosine', 'constant'")
@@ -37,7 +41,15 @@ class LanguageModelModule(pl.LightningModule):
             raise ConfigError(f"regime.warmup_steps={warmup_steps} must be >= 0")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ConfigError(f"regime.min_lr_ratio={min_lr_ratio} must be in [0, 1]")
+        children = dict(net.named_children())
+        for name, lr in (module_lr or {}).items():
+            if name not in children:
+                raise ConfigError(f"regime.module_lr.{name}: the network ({type(net).__name__}) has no submodule {name!r}; "
+                                  f"use one of {sorted(children)}")
+            if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+                raise ConfigError(f"regime.module_lr.{name}={lr!r} must be a learning rate > 0, e.g. 1e-3")
         self.net = net
+        self.module_lr = dict(module_lr or {})
         # warm start: Adam on all but the (bit-cipher) embeddings; parameters a model keeps fixed
         # (``fixed_parameters``: a residual SAFFU's solved part) stay out of training either way
         fixed = {id(p) for p in net.fixed_parameters()} if hasattr(net, "fixed_parameters") else set()
@@ -92,7 +104,12 @@ class LanguageModelModule(pl.LightningModule):
         self._evaluate(batch, self.test_ppl, "test/ppl")
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        own = {id(p) for name in self.module_lr for p in getattr(self.net, name).parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
+        groups = [{"params": rest}] + [
+            {"params": [p for p in getattr(self.net, name).parameters() if p.requires_grad], "lr": lr}
+            for name, lr in self.module_lr.items()]
+        optimizer = self.optimizer_factory(params=[g for g in groups if g["params"]])
         total = max(1, self.trainer.estimated_stepping_batches)
         warmup, schedule, floor = self.warmup_steps, self.schedule, self.min_lr_ratio
 

@@ -170,7 +170,7 @@ class LogLinearSolver:
         is summed through that form: h_B = mean_k q_x Z~_x + (mean_k (1 - q_x)) p, where a code Z~_x has
         a few non-zero bits, so each block token costs a few scatter-adds instead of a dense D_b row
         (equal to the dense sum; tested)."""
-        N, D = net.vocab_size, net.block_U.shape[0]
+        N, D = net.vocab_size, net.block_dim
         rows = torch.cat(parts)
         part = torch.repeat_interleave(torch.arange(len(parts)), torch.tensor([p.numel() for p in parts]))
         part_of = torch.empty(len(data), dtype=torch.long)
@@ -212,7 +212,8 @@ class LogLinearSolver:
     @torch.no_grad()
     def solve_block(self, net: LogLinearSAFFU, S: torch.Tensor, p: torch.Tensor) -> None:
         """Eq. 5 with one-hot targets: F(h_B, Y) = S^T, S [N, D_b] the sum of h_B per target id; then the
-        smoothed log-ratio U_b[d, y] = log((F[d, y] + beta p(y) F[d, .]) / ((1 + beta) F[d, .])) - log p(y)."""
+        smoothed log-ratio U_b[d, y] = log((F[d, y] + beta p(y) F[d, .]) / ((1 + beta) F[d, .])) - log p(y);
+        the model stores it, or its truncated SVD (``model.block_rank``)."""
         F = S.T  # [D, N]
         row = F.sum(1, keepdim=True).clamp(min=1e-300)
         beta = self.block_smoothing
@@ -220,7 +221,7 @@ class LogLinearSolver:
         U = U.masked_fill(net.never_target[None, :], 0.0)
         if not torch.isfinite(U).all():
             raise FloatingPointError("block decoder has NaN/inf entries; raise solver.block_smoothing")
-        net.block_U.copy_(U.to(net.block_U.dtype))
+        net.set_block_decoder(U)
 
     def _batches(self, data, rows: torch.Tensor, desc: str, block_only: bool = False):
         """Batches ordered by block position (the block features read only the first columns)."""
