@@ -259,3 +259,21 @@ def test_progress_lines_reach_a_redirected_stderr_and_train_log(tmp_path, cache_
     assert "ETA" in lines[0] and "\r" not in proc.stderr  # no progress bar
     log = (run_dir / "train.log").read_text()
     assert "| loss " in log and "validation at step" in log and "training ended" in log
+
+
+def test_progress_line_names_the_epoch_of_the_last_step():
+    """A run stopped mid-epoch (trainer.max_time or max_steps): Lightning has advanced current_epoch by
+    the end, the line still names the epoch the last step was in; max_epochs=-1 shows no bound."""
+    import types
+
+    from saffu_lab.progress import ProgressLog
+
+    log = ProgressLog(every_s=1e9)
+    module = types.SimpleNamespace(tokens_seen=torch.tensor(0))
+    trainer = types.SimpleNamespace(global_step=680, current_epoch=3, max_epochs=100, max_steps=-1,
+                                    estimated_stepping_batches=22500, callback_metrics={}, is_global_zero=True)
+    log.on_train_batch_end(trainer, module, None, None, 0)
+    trainer.current_epoch = 4  # what Lightning reports in on_train_end after the stop
+    assert "| epoch 4/100 |" in log.line(trainer, module, log.start + 1)
+    trainer.max_epochs = -1
+    assert "| epoch 4 |" in log.line(trainer, module, log.start + 1)

@@ -72,15 +72,18 @@ class ProgressLog(pl.Callback):
         self.every_s = every_s
         self.start = self.last = 0.0
         self.start_step = self.start_tokens = 0
+        self.epoch = 0  # the epoch of the last training batch (Lightning advances current_epoch when a run stops)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = self.last = time.perf_counter()
         self.start_step, self.start_tokens = trainer.global_step, int(pl_module.tokens_seen)
+        self.epoch = trainer.current_epoch
         LOG.info(f"training from step {trainer.global_step} of {self._total(trainer)} "
                  f"({trainer.num_training_batches} batches per epoch, up to {trainer.max_epochs} epochs)")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
+        self.epoch = trainer.current_epoch
         if now - self.last >= self.every_s and trainer.is_global_zero:
             self.last = now
             LOG.info(self.line(trainer, pl_module, now))
@@ -106,7 +109,7 @@ class ProgressLog(pl.Callback):
         elapsed = now - self.start
         tokens = int(pl_module.tokens_seen) - self.start_tokens
         parts = [f"step {step}/{total}" + (f" ({100 * step / total:.0f}%)" if total and total != float("inf") else ""),
-                 f"epoch {min(trainer.current_epoch + 1, trainer.max_epochs)}/{trainer.max_epochs}",
+                 f"epoch {self.epoch + 1}/{trainer.max_epochs}" if trainer.max_epochs > 0 else f"epoch {self.epoch + 1}",
                  f"{tokens / max(elapsed, 1e-9):,.0f} tok/s"]
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
