@@ -104,12 +104,11 @@ class LanguageModelModule(pl.LightningModule):
         self._evaluate(batch, self.test_ppl, "test/ppl")
 
     def configure_optimizers(self):
-        own = {id(p) for name in self.module_lr for p in getattr(self.net, name).parameters()}
-        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in own]
-        groups = [{"params": rest}] + [
-            {"params": [p for p in getattr(self.net, name).parameters() if p.requires_grad], "lr": lr}
-            for name, lr in self.module_lr.items()]
-        optimizer = self.optimizer_factory(params=[g for g in groups if g["params"]])
+        own = [{"params": [p for p in getattr(self.net, name).parameters() if p.requires_grad], "lr": lr}
+               for name, lr in self.module_lr.items()]
+        taken = {id(p) for group in own for p in group["params"]}
+        rest = {"params": [p for p in self.parameters() if p.requires_grad and id(p) not in taken]}
+        optimizer = self.optimizer_factory(params=[g for g in [rest, *own] if g["params"]])
         total = max(1, self.trainer.estimated_stepping_batches)
         warmup, schedule, floor = self.warmup_steps, self.schedule, self.min_lr_ratio
 
