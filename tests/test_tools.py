@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -227,3 +228,26 @@ def test_prompt_contexts_match_the_data_framing_across_blocks():
             assert torch.equal(ctx["block"][0], inputs["block"][t]), (b, r, t)
             assert torch.equal(ctx["radial"][0], inputs["radial"][t]), (b, r, t)
             assert int(ctx["position"][0]) == int(inputs["position"][t]) and int(inputs["prefix_len"][t]) == t
+
+
+def test_time_to_ppl_replot_reads_only_the_budget(tmp_path):
+    """`benchmark_time_to_ppl.py --replot` rebuilds the table from an earlier curves.csv; a point past the
+    budget (a solved run goes on for its solve's seconds after max_time) is not counted."""
+    corpus = SyntheticCorpus(seed=3, train_words=800, dev_words=200, test_words=200).load()
+    folder = write_babylm_layout(corpus, tmp_path / "corpus", stem="synthetic")
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "curves.csv").write_text("run,elapsed_s,step,val_ppl\nwarm,10.0,0,50.0\nwarm,40.0,5,30.0\nwarm,70.0,10,20.0\n"
+                                    "gpt,30.0,4,60.0\ngpt,55.0,8,35.0\n")
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark_time_to_ppl.py"), f"paths.cache_dir={tmp_path / 'cache'}",
+           "--replot", "--minutes", "1", "--data", str(folder), "--out", str(out), "--orders", "2", "--targets", "40", "25"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out / "time_to_ppl.csv") as f:
+        table = {row["run"]: row for row in csv.DictReader(f)}
+    assert float(table["warm"]["ppl<=40"]) == 40.0 and table["warm"]["ppl<=25"] == ""  # 20.0 came at 70 s > 60 s
+    assert float(table["warm"]["best_val_ppl"]) == 30.0 and float(table["gpt"]["ppl<=40"]) == 55.0
+    assert (out / "time_to_ppl.png").stat().st_size > 0 and "Kneser-Ney 2-gram" in (out / "time_to_ppl.md").read_text()
+    (out / "curves.csv").write_text("run,elapsed_s,step,val_ppl\nbert,1.0,0,5.0\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "names run 'bert'" in done.stderr

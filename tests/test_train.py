@@ -277,3 +277,40 @@ def test_progress_line_names_the_epoch_of_the_last_step():
     assert "| epoch 4/100 |" in log.line(trainer, module, log.start + 1)
     trainer.max_epochs = -1
     assert "| epoch 4 |" in log.line(trainer, module, log.start + 1)
+
+
+def test_wall_clock_counts_a_solve_in_an_earlier_callback(tmp_path):
+    """time/elapsed_s counts from fit start whatever the callbacks' order: a stand-in for the explicit
+    solve listed before WallClock (as regime=warm's defaults put it) still lies inside the clock."""
+    import time
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from saffu_lab.callbacks import WallClock
+
+    class Solve(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            time.sleep(0.5)
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val/loss", self.layer(batch[0]).pow(2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = DataLoader(TensorDataset(torch.randn(4, 2)), batch_size=2)
+    clock = WallClock()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, callbacks=[Solve(), clock], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(Tiny(), loader, loader)
+    assert trainer.callback_metrics["time/elapsed_s"] >= 0.5

@@ -61,8 +61,11 @@ class WallClock(pl.Callback):
     def __init__(self):
         self.start: float | None = None
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.start is None:  # before the explicit solve: this callback is listed first
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning runs every callback's setup before any callback's on_fit_start, so the clock
+        # runs before the explicit solve (ExplicitSolveCallback.on_fit_start) whatever the order of
+        # the callbacks (a config's defaults list decides that order: regime=warm puts the solve first)
+        if stage == "fit" and self.start is None:
             self.start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
