@@ -142,12 +142,16 @@ def _positive(v) -> bool:
     return _number(v) and v > 0
 
 
+def _nonnegative_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    return _nonnegative_int(v) and v >= 1
 
 
 def _batches_limit(v) -> bool:  # Lightning: a fraction of the batches, or a number of them
-    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0) or (_number(v) and 0.0 <= v <= 1.0)
+    return v is None or _nonnegative_int(v) or (_number(v) and 0.0 <= v <= 1.0)
 
 
 def _val_interval(v) -> bool:
@@ -156,7 +160,7 @@ def _val_interval(v) -> bool:
 
 # key -> (test, what it must be); a key absent from the config is not checked
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
+    "seed": (_nonnegative_int, "an integer >= 0"),
     "threads": (lambda v: v is None or _positive_int(v), "null or an integer >= 1"),
     "regime.optimizer.lr": (_positive, "a learning rate > 0, e.g. 1e-3"),
     "regime.optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
@@ -178,8 +182,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         # the residual SAFFU's two parts
         "saffu.radius", "saffu.block_size", "saffu.block_dim",
         "transformer.d_model", "transformer.n_layer", "transformer.n_head", "transformer.context_length")},
-    **{f"model.{k}": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                      "0 (a dense block decoder) or a rank >= 1") for k in ("block_rank", "saffu.block_rank")},
+    **{f"model.{k}": (_nonnegative_int, "0 (a dense block decoder) or a rank >= 1") for k in ("block_rank", "saffu.block_rank")},
 }
 
 
