@@ -56,6 +56,8 @@ def test_a_resumed_run_follows_the_uninterrupted_path_in_the_same_folder(tmp_pat
     first = _train(RESUMABLE + _signal_at(15), cache_dir, stopped)  # mid-epoch 1 (an epoch has 11 batches)
     assert first.returncode == 143, first.stderr[-3000:]
     wandb_id = (stopped / "wandb_id.txt").read_text()
+    import torch
+    clock_at_stop = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["WallClock"]["elapsed_s"]
     # no hydra.run.dir: a checkpoint of RUN/checkpoints resumes into RUN
     resumed = _train(RESUMABLE + [f"ckpt_path={stopped / 'checkpoints' / 'last.ckpt'}"], cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -66,6 +68,9 @@ def test_a_resumed_run_follows_the_uninterrupted_path_in_the_same_folder(tmp_pat
     assert ms["interrupted"] is False and ms["global_step"] == mw["global_step"]
     assert ms["val/ppl"] == pytest.approx(mw["val/ppl"], rel=1e-5)
     assert (stopped / "wandb_id.txt").read_text() == wandb_id  # the same W&B run, resumed
+    with open(stopped / "csv" / "metrics.csv") as f:  # the clock goes on from the stop (validations at steps 11, 22)
+        clock = [float(r["time/elapsed_s"]) for r in csv.DictReader(f) if r.get("time/elapsed_s")]
+    assert len(clock) == 2 and clock[0] < clock_at_stop < clock[1], (clock, clock_at_stop)
     assert "resume: allow" in (stopped / "config.yaml").read_text()
 
 
@@ -94,3 +99,70 @@ def test_a_stopped_sweep_is_finished_by_running_it_again(tmp_path, cache_dir):
         assert m["interrupted"] is False and m["val/ppl"] > 1
     out = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "3 planned jobs: 3 ok" in out.stdout, out.stdout
+
+
+class _ScriptedPerplexity(__import__("pytorch_lightning").LightningModule):
+    """One parameter, one training batch per epoch, and a dev perplexity read from a script."""
+
+    def __init__(self, script: list[float]):
+        super().__init__()
+        import torch
+        self.w, self.script = torch.nn.Parameter(torch.zeros(1)), script
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 1).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/ppl", self.script[self.current_epoch])
+
+    def configure_optimizers(self):
+        import torch
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _FailAtStep(__import__("pytorch_lightning").Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("a crash that no handler sees (as SIGKILL or the out-of-memory killer)")
+
+
+def _fit_scripted(tmp_path: Path, script: list[float], fail_at: int | None = None):
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from saffu_lab.resume import StopHandling
+
+    best = ModelCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/ppl", mode="min", save_top_k=1, save_last=False)
+    callbacks = [best, StopHandling()] + ([_FailAtStep(fail_at)] if fail_at is not None else [])
+    data = torch.utils.data.DataLoader(torch.zeros(1, 1))
+    trainer = pl.Trainer(max_epochs=len(script), callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    try:
+        trainer.fit(_ScriptedPerplexity(script), data, data)
+    except RuntimeError:
+        assert fail_at is not None
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    return ckpt["global_step"], float(state["best_model_score"])
+
+
+def test_last_ckpt_is_the_last_state_not_the_best(tmp_path):
+    """Lightning's save_last wrote last.ckpt only beside a new best: after the best validation
+    (step 2 here) it stood still. StopHandling writes it after every validation and at the end."""
+    assert _fit_scripted(tmp_path, [5.0, 3.0, 4.0, 6.0]) == (4, 3.0)
+
+
+def test_last_ckpt_holds_the_best_updated_by_the_same_validation(tmp_path):
+    """StopHandling runs after ModelCheckpoint, so a last.ckpt saved at a new best records that best
+    (a resume from it then compares later validations with the right score)."""
+    assert _fit_scripted(tmp_path, [5.0, 4.0, 3.0]) == (3, 3.0)
+
+
+def test_a_crash_without_a_signal_loses_only_the_steps_since_the_last_validation(tmp_path):
+    """A process killed without a handler (here an exception as step 4 starts) leaves last.ckpt at its
+    last validation (step 3, not a best), not at the best one (step 1)."""
+    assert _fit_scripted(tmp_path, [3.0, 5.0, 6.0, 7.0], fail_at=3) == (3, 3.0)

@@ -108,6 +108,8 @@ def test_ddp_with_two_cpu_processes(tmp_path, cache_dir):
     (["trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing with regime=cold (backprop)"),
     (["trainer.limit_val_batches=1.5"], "error: trainer.limit_val_batches=1.5 must be null, a fraction in [0, 1]"),
     (["data.batch_size=0"], "error: data.batch_size=0 must be null or an integer >= 1"),
+    (["callbacks.model_checkpoint.save_last=true"], "error: callbacks.model_checkpoint.save_last=True must be false: train.py writes last.ckpt"),
+    (["+trainer.enable_checkpointing=false"], "error: trainer.enable_checkpointing=False must be true: every run keeps last.ckpt"),
     (["logger=wandb", "logger.offline=false"], "error: logger.offline=false syncs to W&B, but no credentials were found"),
 ])
 def test_bad_input_is_one_clear_line_before_training(overrides, message, tmp_path, cache_dir, monkeypatch):

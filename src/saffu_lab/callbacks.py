@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import move_data_to_device, rank_zero_info
 
 from saffu_lab.errors import ConfigError
 from saffu_lab.progress import stderr_is_terminal
+from saffu_lab.resume import checkpoint_folder
 
 
 class PerplexityRiseStopping(pl.Callback):
@@ -60,6 +61,7 @@ class WallClock(pl.Callback):
 
     def __init__(self):
         self.start: float | None = None
+        self.before = 0.0  # seconds the run had used before a resume (from the checkpoint)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning runs every callback's setup before any callback's on_fit_start, so the clock
@@ -68,9 +70,18 @@ class WallClock(pl.Callback):
         if stage == "fit" and self.start is None:
             self.start = time.perf_counter()
 
+    def elapsed(self) -> float:
+        return self.before + (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+    def state_dict(self) -> dict:  # in every checkpoint: a resumed run's clock goes on from there
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before = float(state.get("elapsed_s", 0.0))
+
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.start is not None and not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
-            pl_module.log("time/elapsed_s", time.perf_counter() - self.start, on_step=False, on_epoch=True)
+            pl_module.log("time/elapsed_s", self.elapsed(), on_step=False, on_epoch=True)
 
 
 class SampleCallback(pl.Callback):
@@ -216,7 +227,7 @@ class ExplicitSolveCallback(pl.Callback):
         rank_zero_info(f"explicit solve: {self.metrics['explicit/wall_s']:.1f} s over {report.targets} targets "
                        f"in {report.folds} fold(s); dev perplexity {self.metrics['explicit/val_ppl']:.3f}")
         if self.save_checkpoint:  # keep the solved model: regime=explicit trains nothing, so no other checkpoint holds it
-            folder = Path(trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else trainer.default_root_dir)
+            folder = checkpoint_folder(trainer)
             trainer.save_checkpoint(folder / "explicit.ckpt")
             self.metrics["explicit/checkpoint"] = str(folder / "explicit.ckpt")
         if trainer.is_global_zero:

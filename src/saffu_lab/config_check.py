@@ -183,6 +183,13 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "saffu.radius", "saffu.block_size", "saffu.block_dim",
         "transformer.d_model", "transformer.n_layer", "transformer.n_head", "transformer.context_length")},
     **{f"model.{k}": (_nonnegative_int, "0 (a dense block decoder) or a rank >= 1") for k in ("block_rank", "saffu.block_rank")},
+    # last.ckpt is train.py's (resume.StopHandling, after every validation); Lightning's save_last
+    # would write only beside a new best, and as last-v1.ckpt once ours exists
+    "callbacks.model_checkpoint.save_last": (lambda v: v is None or v is False,
+                                             "false: train.py writes last.ckpt itself, after every validation"),
+    "trainer.enable_checkpointing": (lambda v: v is None or v is True,
+                                     "true: every run keeps last.ckpt to resume from (callbacks.model_checkpoint=null "
+                                     "drops the best-*.ckpt)"),
 }
 
 

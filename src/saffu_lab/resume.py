@@ -6,9 +6,10 @@ run folder and the logs continue where they stopped.
   how far into the epoch training got, so a run resumed mid-epoch sees exactly the targets
   it had not yet seen, in the same order (Lightning saves and restores its state through
   the data loader's ``state_dict``).
-- ``StopHandling``: on SIGTERM (Lightning raises ``SIGTERMException`` at the next step end)
-  or Ctrl-C, saves ``checkpoints/last.ckpt`` at that step and records how the run stopped;
-  every checkpoint carries the Python, NumPy and torch random states, restored on resume.
+- ``StopHandling``: keeps ``checkpoints/last.ckpt`` the run's latest state: after every
+  validation of a fit, when training ends, and on SIGTERM (Lightning raises ``SIGTERMException``
+  at the next step end) or Ctrl-C, at that step, recording how the run stopped; every
+  checkpoint carries the Python, NumPy and torch random states, restored on resume.
 - ``run_folder_of``: the run folder a checkpoint belongs to (``RUN/checkpoints/x.ckpt`` ->
   ``RUN``), so that ``ckpt_path=RUN/checkpoints/last.ckpt`` logs into ``RUN`` again.
 """
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Sampler
@@ -98,24 +101,68 @@ STOP_SIGNALS = {SIGTERMException: "SIGTERM", KeyboardInterrupt: "SIGINT"}
 EXIT_CODES = {"SIGTERM": 128 + signal.SIGTERM, "SIGINT": 128 + signal.SIGINT}  # what a shell reports: 143, 130
 
 
-class StopHandling(pl.Callback):
-    """Saves ``last.ckpt`` when the run is stopped by a signal and records which (``stopped_by``);
-    puts the random states into every checkpoint and restores them on resume."""
+def model_checkpoint(trainer: pl.Trainer) -> ModelCheckpoint | None:
+    """The run's ``ModelCheckpoint`` (best-*.ckpt), if it has one."""
+    return next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+
+
+def checkpoint_folder(trainer: pl.Trainer) -> Path:
+    """Where the run's checkpoints go: ModelCheckpoint's folder, else ``<root>/checkpoints``."""
+    best = model_checkpoint(trainer)
+    return Path(best.dirpath) if best is not None and best.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+
+
+class StopHandling(Checkpoint):
+    """Keeps ``last.ckpt`` the run's latest state, so that a stopped run loses nothing it can keep:
+    written after every validation of a fit (a run killed without warning, by SIGKILL or the out-of-
+    memory killer, loses only the steps since), when training ends (a finished run's last.ckpt is
+    its final state), and when a signal stops the run, at that step (recording which:
+    ``stopped_by``). Lightning's ``ModelCheckpoint(save_last=True)`` writes last.ckpt only beside a
+    new best, so after a run's best validation it stood still (conf/callbacks/default.yaml turns
+    it off). Also puts the random states into every checkpoint and restores them on resume.
+
+    The file must hold the best as updated by the same validation (a resume compares later
+    validations with it). Lightning runs ``Checkpoint`` callbacks after all others, in their listed
+    order, so this one runs after ModelCheckpoint; but ModelCheckpoint saves at the end of the
+    training epoch rather than of the validation when validation runs once per epoch, so a
+    validation at an epoch's end is saved again there if ModelCheckpoint's state changed since."""
 
     def __init__(self):
         self.stopped_by: str | None = None
         self.last_checkpoint: str | None = None
+        self._saved: tuple | None = None  # (global step, ModelCheckpoint's state) last.ckpt holds, when written here
         self._loader_state: dict | None = None  # the training loader's position, from a checkpoint being resumed
+
+    @staticmethod
+    def _state(trainer: pl.Trainer) -> tuple:
+        best = model_checkpoint(trainer)
+        return trainer.global_step, repr(best.state_dict()) if best is not None else None
+
+    def _save_last(self, trainer: pl.Trainer) -> Path:
+        path = checkpoint_folder(trainer) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self.last_checkpoint, self._saved = str(path), self._state(trainer)
+        return path
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        saved_step = self._saved[0] if self._saved else None
+        if saved_step == trainer.global_step and self._saved != self._state(trainer):
+            self._save_last(trainer)  # this step's validation, with the best ModelCheckpoint has just updated
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._saved is None or self._saved[0] != trainer.global_step:  # not already saved at this step
+            self._save_last(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         name = next((v for k, v in STOP_SIGNALS.items() if isinstance(exception, k)), None)
         if name is None:
             return  # a failure, not a stop: the last good checkpoint stands
         self.stopped_by = name
-        folder = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else Path(trainer.default_root_dir) / "checkpoints"
-        path = folder / "last.ckpt"
-        trainer.save_checkpoint(path)
-        self.last_checkpoint = str(path)
+        path = self._save_last(trainer)
         rank_zero_info(f"{name}: stopped at step {trainer.global_step}; saved {path}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:

@@ -28,7 +28,7 @@ from saffu_lab.callbacks import ExplicitSolveCallback
 from saffu_lab.config_check import check_config
 from saffu_lab.errors import ConfigError, SaffuLabError
 from saffu_lab.progress import attach_run_log, detach_run_log, stderr_is_terminal
-from saffu_lab.resume import EXIT_CODES, StopHandling
+from saffu_lab.resume import EXIT_CODES, StopHandling, model_checkpoint
 
 
 def build_components(cfg: DictConfig):
@@ -45,7 +45,7 @@ def build_components(cfg: DictConfig):
     for callback in callbacks:  # a model the regime cannot solve stops here, before any training
         if isinstance(callback, ExplicitSolveCallback):
             callback.check_model(net, module.regime)
-    callbacks.append(StopHandling())  # last.ckpt on SIGTERM / Ctrl-C; random states in checkpoints
+    callbacks.append(StopHandling())  # last.ckpt after each validation, at the end, on SIGTERM / Ctrl-C; random states
     resolve_precision(cfg)  # trainer.precision=auto is ours, not Lightning's
     with open_dict(cfg):
         if cfg.trainer.get("enable_progress_bar") is None:  # a bar's carriage returns are noise in a log file
@@ -346,7 +346,7 @@ def _write_metrics(cfg: DictConfig, metrics: dict) -> None:
 
 
 def _best_checkpoint(trainer) -> str | None:
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = getattr(model_checkpoint(trainer), "best_model_path", "")
     return best if best and Path(best).exists() else None
 
 
