@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 
 from conftest import ROOT, TINY, read_metrics, run_train
 
@@ -56,7 +58,6 @@ def test_a_resumed_run_follows_the_uninterrupted_path_in_the_same_folder(tmp_pat
     first = _train(RESUMABLE + _signal_at(15), cache_dir, stopped)  # mid-epoch 1 (an epoch has 11 batches)
     assert first.returncode == 143, first.stderr[-3000:]
     wandb_id = (stopped / "wandb_id.txt").read_text()
-    import torch
     clock_at_stop = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]["WallClock"]["elapsed_s"]
     # no hydra.run.dir: a checkpoint of RUN/checkpoints resumes into RUN
     resumed = _train(RESUMABLE + [f"ckpt_path={stopped / 'checkpoints' / 'last.ckpt'}"], cache_dir)
@@ -101,12 +102,11 @@ def test_a_stopped_sweep_is_finished_by_running_it_again(tmp_path, cache_dir):
     assert "3 planned jobs: 3 ok" in out.stdout, out.stdout
 
 
-class _ScriptedPerplexity(__import__("pytorch_lightning").LightningModule):
+class _ScriptedPerplexity(pl.LightningModule):
     """One parameter, one training batch per epoch, and a dev perplexity read from a script."""
 
     def __init__(self, script: list[float]):
         super().__init__()
-        import torch
         self.w, self.script = torch.nn.Parameter(torch.zeros(1)), script
 
     def training_step(self, batch, batch_idx):
@@ -116,11 +116,10 @@ class _ScriptedPerplexity(__import__("pytorch_lightning").LightningModule):
         self.log("val/ppl", self.script[self.current_epoch])
 
     def configure_optimizers(self):
-        import torch
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _FailAtStep(__import__("pytorch_lightning").Callback):
+class _FailAtStep(pl.Callback):
     def __init__(self, step: int):
         self.step = step
 
@@ -130,8 +129,6 @@ class _FailAtStep(__import__("pytorch_lightning").Callback):
 
 
 def _fit_scripted(tmp_path: Path, script: list[float], fail_at: int | None = None):
-    import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from saffu_lab.resume import StopHandling
