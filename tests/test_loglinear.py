@@ -274,6 +274,43 @@ def test_training_logits_score_targets_leave_one_out(synthetic):
     assert want.mean() < 0
 
 
+def test_block_leave_one_out_is_a_recount(synthetic):
+    """The block unit's offset equals solving its decoder again without the target's own h_B
+    (U_b recomputed from the sums less h_B, the eq. of solve_block), relative to another column;
+    it is large for a target id seen once and small for a frequent one."""
+    dm = synthetic
+    net, solver = build(dm), LogLinearSolver(progress=False, block_leave_one_out=True)
+    solver.solve(net, dm.datasets["train"])
+    data = dm.datasets["train"]
+    everything = torch.arange(len(data))
+    S = solver.block_sums(net, data, everything, everything[:0])[0]  # [N, D_b]: sum of h_B per target id
+    y_all = data.framed.targets
+    counts = torch.bincount(y_all, minlength=dm.vocab_size).double() + 1.0
+    counts[net.never_target] = 0.0
+    prior, beta = counts / counts.sum(), solver.block_smoothing
+
+    def decoder(S):  # solve_block by hand
+        F, row = S.T, S.T.sum(1, keepdim=True)
+        return torch.log((F + beta * prior[None, :] * row) / ((1 + beta) * row)) - torch.log(prior.clamp(min=1e-300))[None, :]
+
+    U = decoder(S)
+    seen = torch.bincount(y_all, minlength=dm.vocab_size)
+    once = torch.nonzero(seen[y_all] == 1).squeeze(1)[:3]
+    frequent = torch.nonzero(y_all == int(seen.argmax())).squeeze(1)[:3]
+    rows = torch.cat([once, frequent])
+    inputs, y = data.collate(rows)
+    with torch.no_grad():
+        got = net.block_leave_one_out(inputs, y).double()
+        x = net.block_features(inputs["block"], inputs["position"]).double()
+    other = int(torch.bincount(y_all, minlength=dm.vocab_size).argsort()[-2])  # a frequent column, not a target here
+    for i in range(rows.numel()):
+        less = S.clone()
+        less[y[i]] -= x[i]
+        change = x[i] @ (decoder(less) - U)
+        assert float(got[i]) == pytest.approx(float(change[y[i]] - change[other]), abs=2e-3), i
+    assert (got[:once.numel()] < -0.1).all() and (got[once.numel():].abs() < 0.01).all(), got
+
+
 def test_warm_start_on_training_text_improves_dev_only_leave_one_out(synthetic):
     """Adam on the training targets from the solved model: with leave-one-out scores dev gets
     better; with the plain forward (counts that include each target) it gets worse."""

@@ -92,9 +92,28 @@ def test_the_network_starts_as_the_solved_saffu(dm, solved):
     assert torch.equal(a, b)
 
 
-def test_backprop_trains_the_transformer_below_the_solution_on_held_out_text(dm, solved):
-    net = build(dm)
-    net.load_state_dict(solved.state_dict())
+def test_the_gated_network_starts_as_the_solved_saffu_and_can_leave_it_out(dm, solved):
+    """g(h) = 1 at the start (the explicit solution, exactly); g -> 0 leaves the transformer alone,
+    which the ungated network cannot express."""
+    net = build(dm, gate=True)
+    net.saffu.load_state_dict(solved.saffu.state_dict())
+    assert perplexity(net, windows(dm, "dev")) == pytest.approx(perplexity(solved.saffu, per_target(dm, "dev")), rel=1e-5)
+    prompt = torch.full((3, 1), dm.special_ids.sod)
+    a = net.generate(prompt, 10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, solved.saffu.generate(prompt, 10, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        torch.nn.init.normal_(net.transformer.head.weight, std=0.5)
+        net.gate.bias.fill_(-40.0)  # g = 2 sigmoid(-40) ~ 1e-17
+    net.eval()
+    inputs, _ = dm.datasets["dev"].collate(range(8))
+    with torch.no_grad():
+        torch.testing.assert_close(net(inputs), net.transformer(inputs["ids"]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_backprop_trains_the_transformer_below_the_solution_on_held_out_text(dm, solved, gate):
+    net = build(dm, gate=gate)
+    net.load_state_dict(solved.state_dict(), strict=not gate)  # the gate starts at g = 1
     start = perplexity(net, windows(dm, "dev"))
     saffu_before = {k: v.clone() for k, v in net.saffu.state_dict().items()}
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -113,6 +132,8 @@ def test_backprop_trains_the_transformer_below_the_solution_on_held_out_text(dm,
             optimizer.step()
     end = perplexity(net, windows(dm, "dev"))
     assert end < 0.97 * start, (start, end)
+    if gate:  # backprop moves the gate off g = 1
+        assert net.gate.weight.abs().max() > 1e-3
     for k, v in net.saffu.state_dict().items():  # the solved part stays as solved
         assert torch.equal(v, saffu_before[k]), k
 
@@ -168,6 +189,15 @@ def test_which_parameters_train(dm, solved):
     F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX).backward()
     for name in ("radial_values", "mix", "block_U"):
         assert getattr(net.saffu, name).grad.abs().sum() > 0, name
+
+    pairs_fixed = build(dm, train_saffu=True, train_pair_values=False)  # the per-pair values stay as solved
+    pairs_fixed.load_state_dict(solved.state_dict())
+    LanguageModelModule(pairs_fixed, optimizer=partial(torch.optim.AdamW, lr=1e-3), freeze_embeddings=False)
+    logits = pairs_fixed.training_logits(inputs, y)
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX).backward()
+    assert not pairs_fixed.saffu.radial_values.requires_grad and pairs_fixed.saffu.radial_values.grad is None
+    for name in ("mix", "block_U", "radial_col"):
+        assert getattr(pairs_fixed.saffu, name).grad.abs().sum() > 0, name
 
 
 def test_module_learning_rates(dm):

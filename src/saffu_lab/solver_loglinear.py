@@ -58,11 +58,14 @@ class LogLinearSolver:
             "additive" (the paper-style add-eps of ``explicit_solution``, for comparison).
         additive_smoothing: eps of "additive", relative to the mean co-occurrence.
         batch_size: targets per batch of a streamed pass.
+        block_leave_one_out: also store the block decoder's masses, so that a warm start scores its
+            training targets leave-one-out in the block unit too (``LogLinearSAFFU.block_leave_one_out``;
+            off by default: 0.2-0.4 worse dev perplexity per step on kjv, docs/warm_start.md).
     """
 
     def __init__(self, heldout_every: int = 20, calibration_targets: int = 5_000, newton_steps: int = 20,
                  block_smoothing: float = 1.0, radial_smoothing: str = "kneser_ney", additive_smoothing: float = 1e-3,
-                 batch_size: int = 1024, progress: bool = True):
+                 batch_size: int = 1024, progress: bool = True, block_leave_one_out: bool = False):
         if heldout_every < 2:
             raise ValueError(f"solver.heldout_every={heldout_every} must be >= 2 (one document in that many is held out)")
         if calibration_targets < 1:
@@ -80,6 +83,7 @@ class LogLinearSolver:
         self.heldout_every, self.calibration_targets, self.newton_steps = heldout_every, calibration_targets, newton_steps
         self.block_smoothing, self.batch_size, self.progress = block_smoothing, batch_size, progress
         self.radial_smoothing, self.additive_smoothing = radial_smoothing, additive_smoothing
+        self.block_leave_one_out = block_leave_one_out
 
     # --- driver ----------------------------------------------------------------------------
     def solve(self, net: LogLinearSAFFU, data, rank: int = 0, world_size: int = 1,
@@ -221,7 +225,9 @@ class LogLinearSolver:
         U = U.masked_fill(net.never_target[None, :], 0.0)
         if not torch.isfinite(U).all():
             raise FloatingPointError("block decoder has NaN/inf entries; raise solver.block_smoothing")
-        net.set_block_decoder(U)
+        # the masses behind U, for a warm start's leave-one-out (LogLinearSAFFU.block_leave_one_out)
+        loo_mass = ((F + beta * p[None, :] * row) / (1 + beta * p[None, :])).T.contiguous() if self.block_leave_one_out else None
+        net.set_block_decoder(U, loo_mass)
 
     def _batches(self, data, rows: torch.Tensor, desc: str, block_only: bool = False):
         """Batches ordered by block position (the block features read only the first columns)."""

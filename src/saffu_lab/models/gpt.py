@@ -94,6 +94,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` for the next token after each prefix of ``idx [B, T]``."""
+        return self.head(self.features(idx))
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normalised last hidden state ``[B, T, d_model]`` that the head reads."""
         T = idx.shape[1]
         if T > self.context_length:
             raise ValueError(f"sequence of {T} tokens is longer than model.context_length={self.context_length}")
@@ -101,7 +105,7 @@ class GPT(nn.Module):
         h = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
         for block in self.blocks:
             h = block(h)
-        return self.head(self.ln_out(h))
+        return self.ln_out(h)
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
         """Sample continuations of ``prompt [B, T]`` (see ``saffu_lab.models.sampling.sample``)."""

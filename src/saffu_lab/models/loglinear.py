@@ -110,6 +110,9 @@ class LogLinearSAFFU(nn.Module):
                 self.block_B = nn.Parameter(torch.zeros(block_rank, N))
             else:
                 self.block_U = nn.Parameter(torch.zeros(block_dim, N))
+            # leave-one-out for the block decoder (training only): M[y, d] = the smoothed mass of
+            # F[d, y] behind U_b[d, y], divided by 1 + beta p(y) (set by set_block_decoder)
+            self.register_buffer("block_loo_mass", torch.zeros(0))
 
     @property
     def n_experts(self) -> int:
@@ -134,7 +137,9 @@ class LogLinearSAFFU(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """The sparse decoders' size is the data's: take it from the checkpoint before loading."""
-        for name in ("radial_cols", "radial_values", "radial_loo"):
+        if self.has_block and prefix + "block_loo_mass" not in state_dict:  # a checkpoint from before it
+            state_dict[prefix + "block_loo_mass"] = torch.zeros(0)
+        for name in ("radial_cols", "radial_values", "radial_loo", "block_loo_mass"):
             if prefix + name in state_dict:
                 incoming = state_dict[prefix + name]
                 getattr(self, name).data = torch.empty_like(incoming, device=self.radial_crow.device)
@@ -172,10 +177,12 @@ class LogLinearSAFFU(nn.Module):
         return bag / real.sum(1, keepdim=True)
 
     @torch.no_grad()
-    def set_block_decoder(self, U: torch.Tensor) -> None:
+    def set_block_decoder(self, U: torch.Tensor, loo_mass: torch.Tensor | None = None) -> None:
         """Store the solved block decoder ``U [D_b, N]``: as it is, or (``block_rank`` k) as its
         truncated SVD U ~ (u_k s_k^1/2)(s_k^1/2 v_k^T), the factors balanced so that backprop moves
-        both alike."""
+        both alike. ``loo_mass [N, D_b]``: the masses behind U for the leave-one-out offsets of
+        ``training_logits`` (none: training targets are scored with the sums that include them)."""
+        self.block_loo_mass = (torch.zeros(0) if loo_mass is None else loo_mass).to(self.mix.dtype).to(self.mix.device)
         if not self.block_rank:
             self.block_U.copy_(U)
             return
@@ -232,19 +239,36 @@ class LogLinearSAFFU(nn.Module):
     def training_logits(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
         """The logits that backprop on *training* targets sees: ``forward``, with each radial
         expert's score of the target taken as if its own occurrence were not in the counts
-        (leave-one-out: + lam_k delta_k(x_k, y)). Without it a warm start learns to trust counts
+        (leave-one-out: + lam_k delta_k(x_k, y)), and the block unit's as if its h_B were not in
+        the decoder's sums (``block_leave_one_out``). Without it a warm start learns to trust counts
         that include the very target they score (dev perplexity rises from the first step)."""
         logits = self(inputs)
-        if self.radial_loo.numel() == 0:
-            return logits
-        rows = self._radial_rows(inputs["radial"])  # [B, r]
-        entry_keys = self._entry_keys()  # row N + column of every entry: unique and sorted
-        query = rows * self.vocab_size + targets[:, None]
-        pos = torch.searchsorted(entry_keys, query).clamp(max=max(entry_keys.numel() - 1, 0))
-        found = entry_keys[pos] == query  # the key holds the row, so a match is in the target's row
-        delta = torch.where(found, self.radial_loo[pos], torch.zeros((), dtype=self.radial_loo.dtype, device=rows.device))
-        offset = (delta * self.mix[: self.radius]).sum(1)
+        offset = torch.zeros(targets.shape, dtype=self.mix.dtype, device=targets.device)
+        if self.radial_loo.numel():
+            rows = self._radial_rows(inputs["radial"])  # [B, r]
+            entry_keys = self._entry_keys()  # row N + column of every entry: unique and sorted
+            query = rows * self.vocab_size + targets[:, None]
+            pos = torch.searchsorted(entry_keys, query).clamp(max=max(entry_keys.numel() - 1, 0))
+            found = entry_keys[pos] == query  # the key holds the row, so a match is in the target's row
+            delta = torch.where(found, self.radial_loo[pos], torch.zeros((), dtype=self.radial_loo.dtype, device=rows.device))
+            offset = offset + (delta * self.mix[: self.radius]).sum(1)
+        if self.has_block and self.block_loo_mass.numel():  # and the block unit's: + lam_b delta_b(h_B, y)
+            offset = offset + self.mix[self.radius] * self.block_leave_one_out(inputs, targets)
         return logits.scatter_add(1, targets[:, None], offset[:, None].to(logits.dtype))
+
+    def block_leave_one_out(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+        """How far the block unit's score of each training target moves with its own h_B taken out
+        of the sums it was solved from (``solver_loglinear.solve_block``): F[d, y] and F[d, .] lose
+        x = h_B, so, relative to the other columns (whose change, a share of order x / F[d, .], is
+        left out as the radial decoders leave it out),
+            delta = sum_d x_d log((F[d, y] - x_d + beta p(y) (F[d, .] - x_d)) / (F[d, y] + beta p(y) F[d, .]))
+                  = sum_d x_d log1p(-x_d / M[y, d]),   M = (F[d, y] + beta p(y) F[d, .]) / (1 + beta p(y)).
+        A target id seen once has F[:, y] = x: without this its own block code is what U_b[:, y]
+        scores it by (about 0.8 nats per unit of the block's weight on the synthetic corpus). With a truncated decoder the
+        dense decoder's offset is used.  [B]"""
+        with torch.autocast(inputs["block"].device.type, enabled=False):  # x and M as the solve summed them
+            x = self.block_features(inputs["block"], inputs["position"]).float()
+            return (x * torch.log1p(-x / self.block_loo_mass[targets].float())).sum(1)
 
     # --- generation ---------------------------------------------------------------------------
     def frame_next(self, generated: torch.Tensor) -> dict:
