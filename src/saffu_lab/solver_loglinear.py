@@ -221,12 +221,13 @@ class LogLinearSolver:
         F = S.T  # [D, N]
         row = F.sum(1, keepdim=True).clamp(min=1e-300)
         beta = self.block_smoothing
-        U = torch.log((F + beta * p[None, :] * row) / ((1 + beta) * row)) - torch.log(p.clamp(min=1e-300))[None, :]
+        mass = F + beta * p[None, :] * row  # the smoothed co-occurrence mass behind each U_b[d, y]
+        U = torch.log(mass / ((1 + beta) * row)) - torch.log(p.clamp(min=1e-300))[None, :]
         U = U.masked_fill(net.never_target[None, :], 0.0)
         if not torch.isfinite(U).all():
             raise FloatingPointError("block decoder has NaN/inf entries; raise solver.block_smoothing")
-        # the masses behind U, for a warm start's leave-one-out (LogLinearSAFFU.block_leave_one_out)
-        loo_mass = ((F + beta * p[None, :] * row) / (1 + beta * p[None, :])).T.contiguous() if self.block_leave_one_out else None
+        # M for a warm start's leave-one-out (LogLinearSAFFU.block_leave_one_out), [N, D_b]
+        loo_mass = (mass / (1 + beta * p[None, :])).T.contiguous() if self.block_leave_one_out else None
         net.set_block_decoder(U, loo_mass)
 
     def _batches(self, data, rows: torch.Tensor, desc: str, block_only: bool = False):

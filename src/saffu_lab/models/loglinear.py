@@ -264,8 +264,8 @@ class LogLinearSAFFU(nn.Module):
             delta = sum_d x_d log((F[d, y] - x_d + beta p(y) (F[d, .] - x_d)) / (F[d, y] + beta p(y) F[d, .]))
                   = sum_d x_d log1p(-x_d / M[y, d]),   M = (F[d, y] + beta p(y) F[d, .]) / (1 + beta p(y)).
         A target id seen once has F[:, y] = x: without this its own block code is what U_b[:, y]
-        scores it by (about 0.8 nats per unit of the block's weight on the synthetic corpus). With a truncated decoder the
-        dense decoder's offset is used.  [B]"""
+        scores it by (about 0.8 nats per unit of the block's weight on the synthetic corpus). With a
+        truncated decoder the dense decoder's offset is used.  [B]"""
         with torch.autocast(inputs["block"].device.type, enabled=False):  # x and M as the solve summed them
             x = self.block_features(inputs["block"], inputs["position"]).float()
             return (x * torch.log1p(-x / self.block_loo_mass[targets].float())).sum(1)
