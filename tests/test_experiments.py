@@ -50,7 +50,14 @@ def test_optuna_search_and_sweep_grids_compose():
     assert (tables["table2"].model.block_aggregation, tables["table2"].model.radial_aggregation) == ("cat", "sum")
     assert tables["table5"].model.document_model and tables["table5"].model.radial_aggregation == "cat"
     figure = _compose_with_hydra(["experiment=paper_warm_vs_cold"]).hydra.sweeper.params
-    assert figure == {"model.radius": "8,128", "regime": "warm,cold"}
+    assert figure == {"model.radius": "8,128", "regime": "warm_as_cold,cold"}
+
+
+def test_figure_1_trains_warm_and_cold_alike():
+    """regime=warm_as_cold is regime=cold's training (optimiser, schedule, embeddings) after the solve."""
+    warm, cold = (_compose_with_hydra(["experiment=paper_warm_vs_cold", f"regime={r}"]) for r in ("warm_as_cold", "cold"))
+    assert {**warm.regime, "regime": "cold"} == cold.regime
+    assert warm.regime.regime == "warm" and "explicit_solve" in warm.callbacks and "explicit_solve" not in cold.callbacks
 
 
 def _multirun(args: list[str], sweep_dir: Path, cache_dir: Path, timeout: int = 600):

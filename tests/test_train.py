@@ -128,13 +128,14 @@ def test_bad_input_is_one_clear_line_before_training(overrides, message, tmp_pat
 
 @pytest.fixture(scope="module")
 def saffu_runs(tmp_path_factory, cache_dir):
-    """regime=explicit, and regime=warm vs regime=cold at the same short budget (2 epochs)."""
+    """regime=explicit, and regime=warm and warm_as_cold vs regime=cold at the same short budget (2 epochs)."""
     root = tmp_path_factory.mktemp("saffu")
     data = [o for o in TINY_SAFFU if not o.startswith("data.corpus.train_words")] + ["data.corpus.train_words=12000"]
     run_train(data + ["regime=explicit"], root / "explicit", cache_dir)
     run_train(data + ["regime=warm", "trainer.max_epochs=2", "logger=csv"], root / "warm", cache_dir)
+    run_train(data + ["regime=warm_as_cold", "trainer.max_epochs=2", "logger=csv"], root / "warm_as_cold", cache_dir)
     run_train(data + ["regime=cold", "trainer.max_epochs=2", "logger=csv"], root / "cold", cache_dir)
-    return {name: read_metrics(root / name) for name in ("explicit", "warm", "cold")}
+    return {name: read_metrics(root / name) for name in ("explicit", "warm", "warm_as_cold", "cold")}
 
 
 def test_explicit_regime_solves_and_evaluates_without_backprop(saffu_runs):
@@ -164,8 +165,10 @@ def test_explicit_best_beats_the_kneser_ney_references(tmp_path, cache_dir):
     assert m["test/ppl"] < m["baseline/kn3_test_ppl"], m
 
 
-def test_warm_start_ends_below_cold_start(saffu_runs):
-    warm, cold = saffu_runs["warm"], saffu_runs["cold"]
+@pytest.mark.parametrize("regime", ["warm", "warm_as_cold"])
+def test_warm_start_ends_below_cold_start(saffu_runs, regime):
+    """Both warm regimes; warm_as_cold trains exactly as cold does, so only the start differs."""
+    warm, cold = saffu_runs[regime], saffu_runs["cold"]
     assert warm["global_step"] == cold["global_step"] > 0  # the same budget
     assert warm["test/ppl"] < cold["test/ppl"], (warm["test/ppl"], cold["test/ppl"])
     assert warm["test/ppl"] <= warm["explicit/val_ppl"] * 1.05  # backprop did not undo the solve
