@@ -57,7 +57,7 @@ def test_figure_1_trains_warm_and_cold_alike():
     """regime=warm_as_cold is regime=cold's training (optimiser, schedule, embeddings) after the solve."""
     warm, cold = (_compose_with_hydra(["experiment=paper_warm_vs_cold", f"regime={r}"]) for r in ("warm_as_cold", "cold"))
     assert {**warm.regime, "regime": "cold"} == cold.regime
-    assert warm.regime.regime == "warm" and "explicit_solve" in warm.callbacks and "explicit_solve" not in cold.callbacks
+    assert warm.regime.regime == "warm_as_cold" and "explicit_solve" in warm.callbacks and "explicit_solve" not in cold.callbacks
 
 
 def _multirun(args: list[str], sweep_dir: Path, cache_dir: Path, timeout: int = 600):
