@@ -300,8 +300,9 @@ def test_block_leave_one_out_is_a_recount(synthetic):
     rows = torch.cat([once, frequent])
     inputs, y = data.collate(rows)
     with torch.no_grad():
-        got = net.block_leave_one_out(inputs, y).double()
-        x = net.block_features(inputs["block"], inputs["position"]).double()
+        x = net.block_features(inputs["block"], inputs["position"])
+        got = net.block_leave_one_out(x, y).double()
+        x = x.double()
     other = int(torch.bincount(y_all, minlength=dm.vocab_size).argsort()[-2])  # a frequent column, not a target here
     for i in range(rows.numel()):
         less = S.clone()

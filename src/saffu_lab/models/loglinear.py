@@ -182,7 +182,7 @@ class LogLinearSAFFU(nn.Module):
         truncated SVD U ~ (u_k s_k^1/2)(s_k^1/2 v_k^T), the factors balanced so that backprop moves
         both alike. ``loo_mass [N, D_b]``: the masses behind U for the leave-one-out offsets of
         ``training_logits`` (none: training targets are scored with the sums that include them)."""
-        self.block_loo_mass = (torch.zeros(0) if loo_mass is None else loo_mass).to(self.mix.dtype).to(self.mix.device)
+        self.block_loo_mass = (torch.zeros(0) if loo_mass is None else loo_mass).to(self.mix)
         if not self.block_rank:
             self.block_U.copy_(U)
             return
@@ -200,9 +200,9 @@ class LogLinearSAFFU(nn.Module):
             self.block_A.copy_(V * root[None, :])
             self.block_B.copy_((V.T @ U) / root[:, None])
 
-    def block_logits(self, block: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """The block unit's log-ratios h_B U_b (or h_B A_b B_b).  [B, N]"""
-        h = self.block_features(block, position)
+    def block_logits(self, block: torch.Tensor, position: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """The block unit's log-ratios h_B U_b (or h_B A_b B_b); ``h``: h_B when already computed.  [B, N]"""
+        h = self.block_features(block, position) if h is None else h
         return h @ self.block_A @ self.block_B if self.block_rank else h @ self.block_U
 
     # --- forward ------------------------------------------------------------------------------
@@ -216,15 +216,16 @@ class LogLinearSAFFU(nn.Module):
         parts.append(self.log_prior[None, None, :].expand(B, 1, -1))
         return torch.cat(parts, 1)
 
-    def forward(self, inputs: dict) -> torch.Tensor:
-        """Next-token logits [B, N]: the experts' log-ratios weighted by ``mix`` (the final layer)."""
+    def forward(self, inputs: dict, block_h: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits [B, N]: the experts' log-ratios weighted by ``mix`` (the final layer).
+        ``block_h``: the block features h_B when the caller has them (``training_logits``)."""
         r = self.radius
         lam = self.mix
         dense, inverse = self._radial_rows_dense(inputs["radial"])  # sum_k lam_k S_k[x_k]: one weighted bag
         logits = F.embedding_bag(inverse, dense, per_sample_weights=lam[:r].expand(inverse.shape[0], r), mode="sum")
         logits = logits + (lam[:r] @ self.radial_col + lam[-1] * self.log_prior)[None, :]
         if self.has_block:
-            logits = logits + lam[r] * self.block_logits(inputs["block"], inputs["position"])
+            logits = logits + lam[r] * self.block_logits(inputs["block"], inputs["position"], block_h)
         return logits.masked_fill(self.never_target, NEVER)
 
     def _entry_keys(self) -> torch.Tensor:
@@ -242,7 +243,9 @@ class LogLinearSAFFU(nn.Module):
         (leave-one-out: + lam_k delta_k(x_k, y)), and the block unit's as if its h_B were not in
         the decoder's sums (``block_leave_one_out``). Without it a warm start learns to trust counts
         that include the very target they score (dev perplexity rises from the first step)."""
-        logits = self(inputs)
+        block_loo = self.has_block and self.block_loo_mass.numel() > 0
+        block_h = self.block_features(inputs["block"], inputs["position"]) if block_loo else None  # once, for both
+        logits = self(inputs, block_h)
         offset = torch.zeros(targets.shape, dtype=self.mix.dtype, device=targets.device)
         if self.radial_loo.numel():
             rows = self._radial_rows(inputs["radial"])  # [B, r]
@@ -252,11 +255,11 @@ class LogLinearSAFFU(nn.Module):
             found = entry_keys[pos] == query  # the key holds the row, so a match is in the target's row
             delta = torch.where(found, self.radial_loo[pos], torch.zeros((), dtype=self.radial_loo.dtype, device=rows.device))
             offset = offset + (delta * self.mix[: self.radius]).sum(1)
-        if self.has_block and self.block_loo_mass.numel():  # and the block unit's: + lam_b delta_b(h_B, y)
-            offset = offset + self.mix[self.radius] * self.block_leave_one_out(inputs, targets)
+        if block_loo:  # and the block unit's: + lam_b delta_b(h_B, y)
+            offset = offset + self.mix[self.radius] * self.block_leave_one_out(block_h, targets)
         return logits.scatter_add(1, targets[:, None], offset[:, None].to(logits.dtype))
 
-    def block_leave_one_out(self, inputs: dict, targets: torch.Tensor) -> torch.Tensor:
+    def block_leave_one_out(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """How far the block unit's score of each training target moves with its own h_B taken out
         of the sums it was solved from (``solver_loglinear.solve_block``): F[d, y] and F[d, .] lose
         x = h_B, so, relative to the other columns (whose change, a share of order x / F[d, .], is
@@ -265,10 +268,10 @@ class LogLinearSAFFU(nn.Module):
                   = sum_d x_d log1p(-x_d / M[y, d]),   M = (F[d, y] + beta p(y) F[d, .]) / (1 + beta p(y)).
         A target id seen once has F[:, y] = x: without this its own block code is what U_b[:, y]
         scores it by (about 0.8 nats per unit of the block's weight on the synthetic corpus). With a
-        truncated decoder the dense decoder's offset is used.  [B]"""
-        with torch.autocast(inputs["block"].device.type, enabled=False):  # x and M as the solve summed them
-            x = self.block_features(inputs["block"], inputs["position"]).float()
-            return (x * torch.log1p(-x / self.block_loo_mass[targets].float())).sum(1)
+        truncated decoder the dense decoder's offset is used. ``x``: the targets' h_B (``block_features``,
+        float32 under bf16 autocast too, as the solve summed them).  [B]"""
+        x = x.float()
+        return (x * torch.log1p(-x / self.block_loo_mass[targets].float())).sum(1)
 
     # --- generation ---------------------------------------------------------------------------
     def frame_next(self, generated: torch.Tensor) -> dict:
