@@ -16,6 +16,8 @@ they share the machine with nothing of this script.
     gpt   model=gpt regime=cold                  the GPT baseline, cold (--gpt-lr, its sweep's best)
     residual  experiment=residual_warm           the log-linear SAFFU solved, plus a transformer of the
                                                  GPT's size that starts at zero; backprop on both
+    mixture   experiment=mixture_warm            the log-linear SAFFU solved and kept, interpolated per
+                                                 context with the GPT baseline, which trains as gpt does
 
 ``--replot`` rebuilds the table and figure from the ``curves.csv`` of an earlier ``--out``.
 
@@ -42,9 +44,11 @@ RUNS = {
     "cold": ["experiment=explicit_best", "regime=cold"],
     "gpt": ["model=gpt", "regime=cold"],
     "residual": ["experiment=residual_warm"],
+    "mixture": ["experiment=mixture_warm"],
 }
 LABELS = {"warm": "log-linear SAFFU, warm (solve + backprop)", "cold": "log-linear SAFFU, cold",
-          "gpt": "GPT baseline, cold", "residual": "residual SAFFU, warm (solve + backprop with a transformer)"}
+          "gpt": "GPT baseline, cold", "residual": "residual SAFFU, warm (solve + backprop with a transformer)",
+          "mixture": "SAFFU-GPT mixture, warm (solve, then backprop on the GPT)"}
 
 
 def run_model(name: str, args, out: Path) -> list[dict]:
@@ -57,7 +61,7 @@ def run_model(name: str, args, out: Path) -> list[dict]:
            "callbacks.early_stopping.max_rises=1000000", *args.extra]
     if name == "gpt":
         cmd += [f"regime.optimizer.lr={args.gpt_lr}", f"model.d_model={args.gpt_d_model}", f"model.n_layer={args.gpt_layers}"]
-    if name == "residual":  # its transformer is the GPT baseline's size
+    if name in ("residual", "mixture"):  # its transformer is the GPT baseline's size
         cmd += [f"model.transformer.d_model={args.gpt_d_model}", f"model.transformer.n_layer={args.gpt_layers}"]
     print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
     start = time.perf_counter()

@@ -280,7 +280,8 @@ class ResidualWindows(torch.utils.data.Dataset):
     Items are window indices. ``collate(rows)`` returns ``(inputs, y)``: ``inputs["ids"] [B, T]``
     the windows (as ``CausalFraming``), ``inputs["scored"] [B, T]`` whether a position's target is
     scored (``y != IGNORE_INDEX``), ``inputs["saffu"]`` the ``BlockTargets`` inputs of the scored
-    targets in row-major order, and ``y [B, T]``.
+    targets in row-major order, ``inputs["rows"]`` their rows in ``per_target`` (with ``rows_of``,
+    this dataset's identity, and ``n_rows``), and ``y [B, T]``.
     ``per_target`` is the ``BlockTargets`` of the same split (the explicit solver reads it).
     """
 
@@ -308,8 +309,11 @@ class ResidualWindows(torch.utils.data.Dataset):
     def collate(self, rows) -> tuple[dict, torch.Tensor]:
         rows = torch.as_tensor(rows, dtype=torch.long)
         target_rows = self.rows[rows]
-        saffu, _ = self.per_target.collate(target_rows[target_rows >= 0])
-        return {"ids": self.x[rows], "scored": target_rows >= 0, "saffu": saffu}, self.y[rows]
+        scored = target_rows[target_rows >= 0]
+        saffu, _ = self.per_target.collate(scored)
+        # rows: the scored targets' rows in this split (a model may keep per-target scores by them)
+        return {"ids": self.x[rows], "scored": target_rows >= 0, "saffu": saffu, "rows": scored,
+                "rows_of": id(self), "n_rows": len(self.per_target)}, self.y[rows]
 
 
 class ResidualFraming:

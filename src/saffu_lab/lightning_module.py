@@ -76,13 +76,16 @@ class LanguageModelModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         # a model solved from counts of these very targets scores them leave-one-out (LogLinearSAFFU)
-        logits = self.net.training_logits(x, y) if hasattr(self.net, "training_logits") else self(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX)
+        if hasattr(self.net, "training_objective"):  # its own objective and training NLL (the residual SAFFU's mixture)
+            loss, nll = self.net.training_objective(x, y)
+        else:
+            logits = self.net.training_logits(x, y) if hasattr(self.net, "training_logits") else self(x)
+            loss = nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.flatten(), ignore_index=IGNORE_INDEX)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; lower regime.optimizer.lr")
         self.tokens_seen += (y != IGNORE_INDEX).sum()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
+        self.log("train/ppl", nll.detach().exp())
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
