@@ -17,7 +17,8 @@ they share the machine with nothing of this script.
     residual  experiment=residual_warm           the log-linear SAFFU solved, plus a transformer of the
                                                  GPT's size that starts at zero; backprop on both
     mixture   experiment=mixture_warm            the log-linear SAFFU solved and kept, interpolated per
-                                                 context with the GPT baseline, which trains as gpt does
+                                                 context with the GPT baseline (its optimiser, its own
+                                                 loss plus the mixture's)
 
 ``--replot`` rebuilds the table and figure from the ``curves.csv`` of an earlier ``--out``.
 

@@ -165,7 +165,7 @@ def test_backprop_trains_the_transformer_below_the_solution_on_held_out_text(dm,
     if gate:  # backprop moves the gate off g = 1
         assert net.gate.weight.abs().max() > 1e-3
     if combine == "mixture":  # and the mixture's weight off its start
-        assert net.mix.weight.abs().max() > 1e-3
+        assert net.mix_gate.weight.abs().max() > 1e-3
     for k, v in net.saffu.state_dict().items():  # the solved part stays as solved
         assert torch.equal(v, saffu_before[k]), k
 
@@ -259,15 +259,15 @@ def test_module_learning_rates(dm):
 
 @pytest.mark.parametrize("combine", ["sum", "mixture"])
 def test_training_nll_is_the_cross_entropy_of_the_training_logits(dm, solved, combine):
-    """The training loss the Lightning module takes (training_nll) is the cross-entropy of the full
-    training logits, for the mixture computed from the target's probabilities alone."""
+    """The per-target training NLL (what training_objective averages) is the cross-entropy of the
+    full training logits, for the mixture computed from the target's probabilities alone."""
     net = build(dm, combine=combine)
     net.saffu.load_state_dict(solved.saffu.state_dict())
     net.eval()
     with torch.no_grad():
         torch.nn.init.normal_(net.transformer.head.weight, std=0.1)
-        if net.mix is not None:
-            torch.nn.init.normal_(net.mix.weight, std=0.3)
+        if net.mix_gate is not None:
+            torch.nn.init.normal_(net.mix_gate.weight, std=0.3)
     inputs, y = dm.datasets["train"].collate(range(8))
     logits = net.training_logits(inputs, y)
     full = F.cross_entropy(logits[inputs["scored"]], y[inputs["scored"]], reduction="none")
@@ -296,9 +296,12 @@ def test_the_fixed_saffus_training_scores_are_cached_by_row(dm, solved, monkeypa
         logits = score(inputs["saffu"], y[inputs["scored"]]).float()
         saffu_term, _, _ = net._mixture_terms(inputs, y)
         direct = logits.log_softmax(-1).gather(1, y[inputs["scored"]][:, None])[:, 0]
-        torch.testing.assert_close(saffu_term - F.logsigmoid(net.mix(net.transformer.features(inputs["ids"])
+        torch.testing.assert_close(saffu_term - F.logsigmoid(net.mix_gate(net.transformer.features(inputs["ids"])
                                    .reshape(-1, 32)[inputs["scored"].flatten()]).float()[:, 0]), direct)
         net.saffu.radial_values.mul_(0.5)  # the SAFFU changes: its scores are recomputed
     assert part.shape == (int(inputs["scored"].sum()),)
     net.training_nll(*data.collate([2, 5]))
     assert len(calls) == 3
+    net.training_nll(*dm.datasets["dev"].collate([0, 1]))  # another dataset: its own scores
+    net.training_nll(*data.collate([2, 5]))  # and back: the training set's are scored again
+    assert len(calls) == 5

@@ -186,6 +186,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.combine": (lambda v: v in ("sum", "mixture"), "sum (the experts' logits added) or mixture (their probabilities interpolated)"),
     "model.mix_init": (lambda v: _number(v) and 0 < v < 1, "a weight strictly between 0 and 1, e.g. 0.9"),
     "model.gpt_loss": (lambda v: _number(v) and v >= 0, "a weight >= 0 (0: the mixture's loss alone)"),
+    "model.mix_gate_only": (lambda v: isinstance(v, bool), "true or false"),
     # last.ckpt is train.py's (resume.StopHandling, after every validation); Lightning's save_last
     # would write only beside a new best, and as last-v1.ckpt once ours exists
     "callbacks.model_checkpoint.save_last": (lambda v: v is None or v is False,

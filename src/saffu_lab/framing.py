@@ -24,6 +24,7 @@ Two framings, following ``shared/notes/saffu-reading.md`` (Data framing):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,9 @@ class BlockFraming:
         return {"token_counts": counts, "n_documents": int(train.framed.first_block.numel()), "special_ids": sp}
 
 
+_DATASET_TOKENS = itertools.count()
+
+
 class ResidualWindows(torch.utils.data.Dataset):
     """Causal windows whose targets also carry their SAFFU contexts (``ResidualFraming``).
 
@@ -290,6 +294,7 @@ class ResidualWindows(torch.utils.data.Dataset):
         stream = document_stream(ids, offsets, sp)
         self.x, self.y = causal_windows(stream, context_length, sp)
         self.per_target = per_target
+        self.token = next(_DATASET_TOKENS)  # this dataset's identity, unique in the process (rows_of)
         # stream position s holds BlockTargets row (number of non-<sod> ids in stream[1..s]) - 1;
         # window w, column t has target stream position w T + t + 1
         is_target = stream != sp.sod
@@ -313,7 +318,7 @@ class ResidualWindows(torch.utils.data.Dataset):
         saffu, _ = self.per_target.collate(scored)
         # rows: the scored targets' rows in this split (a model may keep per-target scores by them)
         return {"ids": self.x[rows], "scored": target_rows >= 0, "saffu": saffu, "rows": scored,
-                "rows_of": id(self), "n_rows": len(self.per_target)}, self.y[rows]
+                "rows_of": self.token, "n_rows": len(self.per_target)}, self.y[rows]
 
 
 class ResidualFraming:

@@ -38,14 +38,17 @@ to trust the counts (a product of experts whose exponent is a function of the co
 
 Why the mixture: in the sum the transformer learns only what the SAFFU's logits leave over, and
 on kjv it stops fitting the training set early (docs/warm_start.md); interpolating a count-based
-model with a neural one is the classic way to get the better of both (each is scored where it is
-sure), and the gradient of -log p reaches each expert weighted by its share of p(y), so the
-transformer learns first where the counts fail. At the start (the transformer near uniform) p is
-lam0 * p_saffu + (1 - lam0) / N, the explicit solution up to a factor lam0 on every probability.
+model with a neural one is the classic way to get the better of both (each trusted where it is
+sure). The gradient of -log p reaches each expert weighted by its share of p(y), so with that loss
+alone the transformer is trained only where the counts fail and never becomes a language model
+(measured: it starves); ``gpt_loss`` adds its own cross-entropy. At the start (the transformer near
+uniform) p is lam0 * p_saffu + (1 - lam0) / N, the explicit solution up to a factor lam0.
 
 Inputs come from ``saffu_lab.framing.ResidualFraming``: ``ids [B, T]`` causal windows (the GPT
 baseline's framing), ``scored [B, T]`` (the positions whose target is scored) and ``saffu``, the
-block and radial contexts of the scored targets in row-major order.
+block and radial contexts of the scored targets in row-major order, and ``rows`` (with ``rows_of``
+and ``n_rows``), those targets' rows in the split, by which the mixture caches the fixed SAFFU's
+scores of training targets.
 """
 
 from __future__ import annotations
@@ -107,10 +110,10 @@ class ResidualSAFFU(nn.Module):
         if self.gate is not None:  # g = 2 sigmoid(0) = 1 at the start
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
-        self.mix = nn.Linear(d_model, 1) if combine == "mixture" else None
-        if self.mix is not None:  # lam = sigmoid(b) = mix_init at the start
-            nn.init.zeros_(self.mix.weight)
-            nn.init.constant_(self.mix.bias, math.log(mix_init / (1 - mix_init)))
+        self.mix_gate = nn.Linear(d_model, 1) if combine == "mixture" else None
+        if self.mix_gate is not None:  # lam = sigmoid(b) = mix_init at the start
+            nn.init.zeros_(self.mix_gate.weight)
+            nn.init.constant_(self.mix_gate.bias, math.log(mix_init / (1 - mix_init)))
         self.train_saffu, self.train_pair_values = train_saffu, train_pair_values
         for p in self.fixed_parameters():
             p.requires_grad_(False)
@@ -159,7 +162,7 @@ class ResidualSAFFU(nn.Module):
 
     def _mix(self, h: torch.Tensor, saffu_logits: torch.Tensor, gpt_log_probs: torch.Tensor) -> torch.Tensor:
         """log(lam p_saffu + (1 - lam) p_gpt) ``[M, N]``, lam = sigmoid(w . h + b) from ``h [M, d_model]``."""
-        z = self.mix(h).float()  # [M, 1]: the logit of lam
+        z = self.mix_gate(h).float()  # [M, 1]: the logit of lam
         return torch.logaddexp(F.logsigmoid(z) + torch.log_softmax(saffu_logits.float(), dim=-1),
                                F.logsigmoid(-z) + gpt_log_probs)
 
@@ -174,7 +177,8 @@ class ResidualSAFFU(nn.Module):
 
     def forward(self, inputs: dict) -> torch.Tensor:
         """Logits ``[B, T, N]``: the transformer's, plus the SAFFU's at the scored positions
-        (``inputs["scored"]``; the others, ``<sod>`` and padding, are never scored)."""
+        (``inputs["scored"]``; the others, ``<sod>`` and padding, are never scored); for the
+        mixture, log-probabilities (the transformer's alone where a position is not scored)."""
         saffu = self._saffu(lambda: self.saffu(inputs["saffu"]))
         return self._combine(inputs["ids"], inputs["scored"], saffu)
 
@@ -193,7 +197,8 @@ class ResidualSAFFU(nn.Module):
         if self.train_saffu or "rows" not in inputs:
             return score()
         rows = inputs["rows"]
-        key = (inputs["rows_of"], *((t.data_ptr(), t._version) for t in (*self.saffu.parameters(), *self.saffu.buffers())))
+        key = (inputs["rows_of"], inputs["n_rows"],
+               *((t.data_ptr(), t._version) for t in (*self.saffu.parameters(), *self.saffu.buffers())))
         if self._scores is None or self._scores[0] != key:
             self._scores = (key, torch.full((inputs["n_rows"],), math.nan, device=target.device))
         cache = self._scores[1]
@@ -214,12 +219,12 @@ class ResidualSAFFU(nn.Module):
         h = h.reshape(-1, h.shape[-1])[torch.nonzero(scored.flatten()).squeeze(1)]  # [M, d_model]
         g = self.transformer.head(h).float()
         log_pg = g.gather(1, target[:, None])[:, 0] - g.logsumexp(-1)
-        z = self.mix(h.detach() if self.mix_gate_only else h).float()[:, 0]  # logit of lam
+        z = self.mix_gate(h.detach() if self.mix_gate_only else h).float()[:, 0]  # logit of lam
         return F.logsigmoid(z) + log_ps, F.logsigmoid(-z) + (log_pg.detach() if self.mix_gate_only else log_pg), log_pg
 
     def training_nll(self, inputs: dict, y: torch.Tensor) -> torch.Tensor:
         """The negative log-likelihood ``[M]`` of each scored training target (row-major), its SAFFU
-        score leave-one-out. The mixture needs only the target's probability under each expert,
+        score leave-one-out (per target, for analysis and tests; training takes ``training_objective``). The mixture needs only the target's probability under each expert,
         log p(y) = logaddexp(log lam + log p_saffu(y), log(1 - lam) + log p_gpt(y)), so no mixed
         [M, N] distribution is formed (the loss costs the GPT's cross-entropy plus the SAFFU's scores)."""
         if self.combine == "sum":
