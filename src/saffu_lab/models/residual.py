@@ -60,7 +60,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from saffu_lab.framing import IGNORE_INDEX, SpecialIds
 from saffu_lab.models.gpt import GPT
 from saffu_lab.models.loglinear import LogLinearSAFFU
@@ -224,9 +223,10 @@ class ResidualSAFFU(nn.Module):
 
     def training_nll(self, inputs: dict, y: torch.Tensor) -> torch.Tensor:
         """The negative log-likelihood ``[M]`` of each scored training target (row-major), its SAFFU
-        score leave-one-out (per target, for analysis and tests; training takes ``training_objective``). The mixture needs only the target's probability under each expert,
-        log p(y) = logaddexp(log lam + log p_saffu(y), log(1 - lam) + log p_gpt(y)), so no mixed
-        [M, N] distribution is formed (the loss costs the GPT's cross-entropy plus the SAFFU's scores)."""
+        score leave-one-out (per target, for analysis and tests; training takes ``training_objective``).
+        The mixture needs only the target's probability under each expert, log p(y) =
+        logaddexp(log lam + log p_saffu(y), log(1 - lam) + log p_gpt(y)), so no mixed [M, N]
+        distribution is formed (the loss costs the GPT's cross-entropy plus the SAFFU's scores)."""
         if self.combine == "sum":
             scored = inputs["scored"]
             return F.cross_entropy(self.training_logits(inputs, y)[scored], y[scored], reduction="none")
